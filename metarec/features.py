@@ -1,0 +1,55 @@
+"""Feature hashing: raw ids and feature values -> fixed-width integer slots.
+
+Every token is ``field=value``, hashed into a bucket of a fixed table, so the
+model never needs a vocabulary and new items or feature values cost nothing to
+admit. Bucket 0 is reserved as padding (an empty slot).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from functools import lru_cache
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from metarec.events import FeatureValue
+
+
+class FeatureSpec(BaseModel):
+    """Sizes of the hashed tables and of the per-example slot arrays."""
+
+    item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
+    feature_buckets: int = Field(1 << 15, ge=2, description="hash buckets for feature tokens")
+    item_slots: int = Field(8, ge=1, description="feature tokens kept per item")
+    user_slots: int = Field(4, ge=1, description="feature tokens kept per user")
+    context_slots: int = Field(3, ge=1, description="context tokens kept per impression")
+
+
+@lru_cache(maxsize=1 << 20)
+def _bucket(token: str, buckets: int) -> int:
+    # crc32 is stable across processes and runs (unlike hash()), and cheap.
+    return zlib.crc32(token.encode()) % (buckets - 1) + 1
+
+
+def item_bucket(item_id: str, spec: FeatureSpec) -> int:
+    return _bucket("item=" + item_id, spec.item_buckets)
+
+
+def tokens(features: Mapping[str, FeatureValue]) -> list[str]:
+    out: list[str] = []
+    for field, value in features.items():
+        if isinstance(value, list):
+            out.extend(f"{field}={v}" for v in value)
+        else:
+            out.append(f"{field}={value}")
+    return out
+
+
+def slots(features: Mapping[str, FeatureValue], width: int, spec: FeatureSpec) -> np.ndarray:
+    """Hash a feature mapping into ``width`` slots (0-padded, extra tokens dropped)."""
+    out = np.zeros(width, dtype=np.int64)
+    for i, token in enumerate(tokens(features)[:width]):
+        out[i] = _bucket(token, spec.feature_buckets)
+    return out

@@ -1,0 +1,191 @@
+"""The online learner: predict, learn, adapt and meta-update over micro-batches.
+
+A micro-batch is a stream-ordered list of operations, each *predict* (score an
+impression with its user's current fast weights) or *learn* (a labelled example
+of that user). Users are independent, so the batch runs in waves: wave j holds
+every user's j-th step, where a step is the user's next predictions followed by
+their next labels. One tensor program per wave scores or adapts every user in
+it, and each user's operations still happen strictly in their own order, so a
+prediction always reflects every label the user gave before it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from metarec.meta import Algorithm, MetaConfig, learned_names, meta_loss, reptile_direction
+from metarec.model import Examples, ModelConfig, Theta, adapt, bce, init_theta, logit, represent
+from metarec.optim import Adagrad, Localized, gradients
+from metarec.users import UserStore
+
+PREDICT = 0
+LEARN = 1
+
+
+class LearnerConfig(BaseModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
+    task_size: int = Field(20, ge=2, description="recent labelled examples kept per user (task)")
+    online_lr: float = Field(0.05, gt=0, description="Adagrad rate of θ's per-micro-batch step")
+    seed: int = Field(0, description="seed of the initialisation and of task sampling")
+
+
+@dataclass
+class Ops:
+    """A micro-batch of operations in stream order (arrays of length n)."""
+
+    user: list[str]
+    kind: np.ndarray  # PREDICT or LEARN
+    item: np.ndarray  # item bucket
+    item_feats: np.ndarray  # n x item_slots
+    user_feats: np.ndarray  # n x user_slots (all zero: unchanged)
+    context: np.ndarray  # n x context_slots
+    label: np.ndarray  # float, meaningful for LEARN
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+@dataclass
+class Scores:
+    p: np.ndarray  # predicted click probability, NaN for LEARN ops
+    k: np.ndarray  # labels the user had taught before this op
+
+
+@dataclass
+class MetaReport:
+    users: int
+    loss: float
+    seconds: float
+
+
+class OnlineLearner:
+    def __init__(self, config: LearnerConfig, theta: Theta | None = None):
+        self.config = config
+        m = config.model
+        self.theta: Theta = theta if theta is not None else init_theta(m, config.seed)
+        self.users = UserStore(m.phi_dim, config.task_size, m.features.user_slots,
+                               m.features.context_slots)
+        self.online_opt = Adagrad(self.theta)
+        self.meta_opt = Adagrad(self.theta)
+        self.rng = np.random.default_rng(config.seed)
+        self.examples_learned = 0
+        self.since_meta = 0
+        self.meta_updates = 0
+
+    # -- one micro-batch ---------------------------------------------------------------
+
+    def process(self, ops: Ops) -> Scores:
+        n = len(ops)
+        p = np.full(n, np.nan)
+        k = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return Scores(p, k)
+        users = self.users
+        rows = users.rows_for(ops.user, self.theta["phi0"])
+        users.set_features(rows, ops.user_feats)
+        wave, rank = _waves(rows, ops.kind)
+        learn_phi = torch.zeros(n, self.config.model.phi_dim)
+        with torch.no_grad():
+            for w in range(int(wave.max()) + 1):
+                in_wave = wave == w
+                pred = np.flatnonzero(in_wave & (ops.kind == PREDICT))
+                if len(pred):
+                    ex = self._examples(ops, rows, pred)
+                    q, base = represent(self.theta, ex)
+                    z = logit(users.phi[rows[pred]], q, base)
+                    p[pred] = torch.sigmoid(z).numpy()
+                    k[pred] = users.learned[rows[pred]]
+                learn = np.flatnonzero(in_wave & (ops.kind == LEARN))
+                if len(learn):
+                    self._learn(ops, rows, learn, rank[learn], learn_phi)
+        self._online_step(ops, rows, learn_phi)
+        return Scores(p, k)
+
+    def _examples(self, ops: Ops, rows: np.ndarray, idx: np.ndarray) -> Examples:
+        user_feats = np.concatenate([self.users.features[rows[idx]], ops.context[idx]], axis=1)
+        return Examples(torch.from_numpy(ops.item[idx]), torch.from_numpy(ops.item_feats[idx]),
+                        torch.from_numpy(user_feats))
+
+    def _learn(self, ops: Ops, rows: np.ndarray, learn: np.ndarray, rank: np.ndarray,
+               learn_phi: torch.Tensor) -> None:
+        users = self.users
+        # The weights each example meets before it is learned: θ's online step
+        # trains on exactly the situation a prediction is made in.
+        learn_phi[learn] = users.phi[rows[learn]]
+        for r in range(int(rank.max()) + 1):  # a user's several labels, in order
+            sel = learn[rank == r]
+            users.push(rows[sel], ops.item[sel], ops.item_feats[sel], ops.context[sel],
+                       ops.label[sel])
+        touched = np.unique(rows[learn])
+        task, y, mask = users.task(touched)
+        users.phi[touched] = adapt(self.theta, users.phi[touched], task, y, mask,
+                                   self.config.model)
+        self.examples_learned += len(learn)
+        self.since_meta += len(learn)
+
+    def _online_step(self, ops: Ops, rows: np.ndarray, learn_phi: torch.Tensor) -> None:
+        learn = np.flatnonzero(ops.kind == LEARN)
+        if not len(learn):
+            return
+        view = Localized(self.theta, [self._examples(ops, rows, learn)], dense=("global_bias",))
+        q, base = represent(view.theta, view.batches[0])
+        z = logit(learn_phi[learn], q, base)
+        # A sum, not a mean: each example's gradient counts in full, however many
+        # share the micro-batch (the batch size is an I/O choice, not a model one).
+        loss = bce(z, torch.from_numpy(ops.label[learn].astype(np.float32))) * len(learn)
+        self.online_opt.step(self.theta, gradients(loss, view), self.config.online_lr, view)
+
+    # -- meta-update -------------------------------------------------------------------
+
+    @property
+    def meta_due(self) -> bool:
+        return self.since_meta >= self.config.meta.every_examples
+
+    def meta_update(self) -> MetaReport | None:
+        """One meta-update of θ from a sample of users' tasks; None if too few users."""
+        cfg = self.config.meta
+        t0 = time.perf_counter()
+        self.since_meta = 0
+        n_users = len(self.users)
+        eligible = np.flatnonzero(self.users.learned[:n_users] >= cfg.min_task)
+        if len(eligible) < 2:
+            return None
+        if len(eligible) > cfg.users_per_update:
+            eligible = np.sort(self.rng.choice(eligible, cfg.users_per_update, replace=False))
+        tasks, y, mask = self.users.task(eligible)
+        if cfg.algorithm is Algorithm.REPTILE:
+            direction = reptile_direction(self.theta, tasks, y, mask, self.config.model)
+            self.meta_opt.step(self.theta, {"phi0": direction}, cfg.lr)
+            loss = float("nan")
+        else:
+            view = Localized(self.theta, [tasks], dense=learned_names(cfg.algorithm))
+            loss_t = meta_loss(view.theta, view.batches[0], y, mask, self.config.model,
+                               cfg.algorithm)
+            self.meta_opt.step(self.theta, gradients(loss_t, view), cfg.lr, view)
+            loss = float(loss_t.detach())
+        self.meta_updates += 1
+        return MetaReport(len(eligible), loss, time.perf_counter() - t0)
+
+
+def _waves(rows: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wave of each op (a user's step number: a prediction after a label starts a
+    new step) and rank of each label among its user's labels in the same wave."""
+    wave = np.empty(len(rows), dtype=np.int64)
+    rank = np.zeros(len(rows), dtype=np.int64)
+    state: dict[int, tuple[int, int, int]] = {}  # row -> (wave, last kind, labels in wave)
+    for i, (r, kd) in enumerate(zip(rows.tolist(), kind.tolist(), strict=True)):
+        w, last, labels = state.get(r, (0, PREDICT, 0))
+        if kd == PREDICT and last == LEARN:
+            w, labels = w + 1, 0
+        if kd == LEARN:
+            rank[i] = labels
+            labels += 1
+        wave[i] = w
+        state[r] = (w, kd, labels)
+    return wave, rank

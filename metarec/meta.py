@@ -1,0 +1,77 @@
+"""Meta-learners behind one interface: each turns a batch of user tasks into
+gradients for θ (the initialisation φ_0, the tables, and the inner learning rates
+where the algorithm learns them).
+
+A task is one user's buffered examples in time order; the earlier half is the
+support set, the later half the query set, so the meta-objective is exactly the
+streaming situation: adapt on what a user did, be scored on what they do next.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+from pydantic import BaseModel, Field
+
+from metarec.model import Examples, ModelConfig, Theta, adapt, bce, logit, represent
+
+
+class Algorithm(StrEnum):
+    MAML = "maml"  # second order: differentiates through the inner steps
+    FOMAML = "fomaml"  # first order: inner gradients treated as constants
+    REPTILE = "reptile"  # moves φ_0 towards the adapted weights, no query gradient
+    METASGD = "metasgd"  # MAML that also learns a per-parameter inner learning rate
+
+
+class MetaConfig(BaseModel):
+    algorithm: Algorithm = Field(Algorithm.MAML, description="meta-learning algorithm")
+    users_per_update: int = Field(256, ge=1, description="tasks sampled per meta-update")
+    min_task: int = Field(4, ge=2, description="labelled examples a user needs to be sampled")
+    lr: float = Field(0.05, gt=0, description="Adagrad learning rate of the meta-update")
+    every_examples: int = Field(2000, ge=1, description="meta-update every N labelled examples")
+
+
+def split_masks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support = the earlier half of each user's task, query = the later half."""
+    length = mask.sum(-1, keepdim=True)
+    j = torch.arange(mask.shape[-1], dtype=mask.dtype)
+    support = (j < torch.floor(length / 2)).to(mask.dtype) * mask
+    return support, mask - support
+
+
+def learned_names(algorithm: Algorithm) -> tuple[str, ...]:
+    """Dense parameters each algorithm updates (tables are always differentiable)."""
+    if algorithm is Algorithm.METASGD:
+        return ("global_bias", "phi0", "log_inner_lr")
+    if algorithm is Algorithm.REPTILE:
+        return ("phi0",)
+    return ("global_bias", "phi0")
+
+
+def meta_loss(
+    theta: Theta,
+    tasks: Examples,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    config: ModelConfig,
+    algorithm: Algorithm,
+) -> torch.Tensor:
+    """Query loss after adapting φ_0 on each support set (MAML, FOMAML, Meta-SGD)."""
+    support, query = split_masks(mask)
+    n = y.shape[0]
+    phi = theta["phi0"].expand(n, -1)
+    adapted = adapt(theta, phi, tasks, y, support, config,
+                    first_order=algorithm is Algorithm.FOMAML)
+    q, base = represent(theta, tasks)
+    return bce(logit(adapted.unsqueeze(-2), q, base), y, query)
+
+
+def reptile_direction(
+    theta: Theta, tasks: Examples, y: torch.Tensor, mask: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    """φ_0 minus the mean of the weights adapted on each whole task: a descent direction."""
+    with torch.no_grad():
+        phi = theta["phi0"].expand(y.shape[0], -1)
+        adapted = adapt(theta, phi, tasks, y, mask, config)
+        return theta["phi0"] - adapted.mean(0)

@@ -1,0 +1,155 @@
+"""The model: shared parameters θ and per-user fast weights φ_u.
+
+Score of user u on item i (a factorisation machine with a per-user part)::
+
+    q_i   = E_item[i] + mean(E_feat[item features of i])
+    p_u   = φ_u[:d] + mean(E_feat[user features + context])
+    logit = b + b_item[i] + Σ b_feat[features] + φ_u[d] + <p_u, q_i>
+
+θ holds the tables, the global bias, the meta-learned initialisation φ_0 and
+the log inner learning rates (learned only by Meta-SGD). φ_u is d+1 floats,
+one row of an array. The logit is linear in φ_u, so the inner-loop gradient has
+a closed form (:func:`inner_step`) that is still an ordinary differentiable
+torch expression of θ: second-order MAML differentiates straight through it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from metarec.features import FeatureSpec
+
+Theta = dict[str, torch.Tensor]
+TABLES = ("item_emb", "item_bias", "feat_emb", "feat_bias")
+DENSE = ("global_bias", "phi0", "log_inner_lr")
+
+
+class ModelConfig(BaseModel):
+    dim: int = Field(32, ge=1, description="embedding and user-vector width d")
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    init_scale: float = Field(0.1, gt=0, description="std of the random initial user vector")
+    inner_lr: float = Field(0.5, gt=0, description="initial inner (per-user) learning rate")
+    inner_steps: int = Field(2, ge=1, description="SGD steps on a user's task per label")
+    inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
+
+    @property
+    def phi_dim(self) -> int:
+        return self.dim + 1
+
+
+def init_theta(config: ModelConfig, seed: int) -> Theta:
+    """Tables start at zero (unseen rows stay zero, and compress to nothing on the
+    model topic); φ_0 starts random so the bilinear term has a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    spec, d = config.features, config.dim
+    phi0 = torch.zeros(config.phi_dim)
+    phi0[:d] = torch.randn(d, generator=gen) * config.init_scale
+    return {
+        "item_emb": torch.zeros(spec.item_buckets, d),
+        "item_bias": torch.zeros(spec.item_buckets),
+        "feat_emb": torch.zeros(spec.feature_buckets, d),
+        "feat_bias": torch.zeros(spec.feature_buckets),
+        "global_bias": torch.zeros(1),
+        "phi0": phi0,
+        "log_inner_lr": torch.full((config.phi_dim,), float(np.log(config.inner_lr))),
+    }
+
+
+class Examples(NamedTuple):
+    """Index tensors of a batch of examples, any leading shape ``S``."""
+
+    item: torch.Tensor  # S, item bucket
+    item_feats: torch.Tensor  # S x item_slots, 0 = empty
+    user_feats: torch.Tensor  # S x (user_slots + context_slots), 0 = empty
+
+    def index(self, idx: torch.Tensor | slice) -> Examples:
+        return Examples(self.item[idx], self.item_feats[idx], self.user_feats[idx])
+
+
+def _masked_mean(table: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = (idx > 0).to(table.dtype)
+    rows = table[idx] * mask.unsqueeze(-1)
+    mean = rows.sum(-2) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return mean, mask
+
+
+def represent(theta: Theta, ex: Examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything of the logit except φ_u: ``q`` (S x d) and ``base`` (S) so that
+    ``logit = base + φ[d] + <φ[:d], q>``."""
+    item_side, item_mask = _masked_mean(theta["feat_emb"], ex.item_feats)
+    user_side, user_mask = _masked_mean(theta["feat_emb"], ex.user_feats)
+    q = theta["item_emb"][ex.item] + item_side
+    fb = theta["feat_bias"]
+    base = (
+        theta["global_bias"]
+        + theta["item_bias"][ex.item]
+        + (fb[ex.item_feats] * item_mask).sum(-1)
+        + (fb[ex.user_feats] * user_mask).sum(-1)
+        + (user_side * q).sum(-1)
+    )
+    return q, base
+
+
+def logit(phi: torch.Tensor, q: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``phi`` broadcasts against ``q``: (n x d+1) with q (n x d) or (n x 1 x d+1) with (n x R x d)."""
+    return base + phi[..., -1] + (phi[..., :-1] * q).sum(-1)
+
+
+def inner_step(
+    phi: torch.Tensor,
+    q: torch.Tensor,
+    base: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    lr: torch.Tensor,
+    phi0: torch.Tensor,
+    l2: float,
+    *,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """One SGD step on every user's task at once.
+
+    ``phi`` n x (d+1); ``q`` n x R x d; ``base``, ``y``, ``mask`` n x R. The loss
+    of user u is the mean logistic loss over its masked examples plus
+    ``l2/2 * |φ_u - φ_0|²``; its gradient is written out (the logit is linear in
+    φ), which is exact and differentiable, and much cheaper than autograd.
+    """
+    z = logit(phi.unsqueeze(-2), q, base)
+    err = (torch.sigmoid(z) - y) * mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    grad = torch.cat([(err.unsqueeze(-1) * q).sum(-2), err.sum(-1, keepdim=True)], dim=-1)
+    grad = grad + l2 * (phi - phi0)
+    if first_order:
+        grad = grad.detach()
+    return phi - lr * grad
+
+
+def adapt(
+    theta: Theta,
+    phi: torch.Tensor,
+    task: Examples,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    config: ModelConfig,
+    *,
+    steps: int | None = None,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """``steps`` inner steps from ``phi`` on each user's task (n x R examples)."""
+    q, base = represent(theta, task)
+    lr = theta["log_inner_lr"].exp()
+    for _ in range(config.inner_steps if steps is None else steps):
+        phi = inner_step(
+            phi, q, base, y, mask, lr, theta["phi0"], config.inner_l2, first_order=first_order
+        )
+    return phi
+
+
+def bce(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+    if mask is None:
+        return loss.mean()
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,107 @@
+"""Per-user state as rows of preallocated arrays: fast weights φ_u, how many
+labels the user has taught, static features, and a ring buffer of the user's
+most recent labelled examples (the user's task, in time order).
+
+No object per user: a million users are a million rows. The arrays double when
+full, so appends are amortised O(1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metarec.model import Examples
+
+
+class UserStore:
+    def __init__(self, phi_dim: int, ring: int, user_slots: int, context_slots: int):
+        self.ring = ring
+        self.rows: dict[str, int] = {}
+        self.ids: list[str] = []
+        cap = 1024
+        self.phi = torch.zeros(cap, phi_dim)
+        self.learned = np.zeros(cap, dtype=np.int64)
+        self.features = np.zeros((cap, user_slots), dtype=np.int64)
+        self.ring_item = np.zeros((cap, ring), dtype=np.int64)
+        self.ring_item_feats: np.ndarray | None = None  # allocated on first push
+        self.ring_context = np.zeros((cap, ring, context_slots), dtype=np.int64)
+        self.ring_label = np.zeros((cap, ring), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _grow(self, need: int) -> None:
+        cap = self.phi.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        self.phi = torch.cat([self.phi, torch.zeros(new - cap, self.phi.shape[1])])
+        for name in ("learned", "features", "ring_item", "ring_item_feats", "ring_context",
+                     "ring_label"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
+            grown[:cap] = arr
+            setattr(self, name, grown)
+
+    def rows_for(self, user_ids: list[str], phi0: torch.Tensor) -> np.ndarray:
+        """Row of each user; a user seen for the first time starts at φ_0."""
+        out = np.empty(len(user_ids), dtype=np.int64)
+        fresh: list[int] = []
+        for i, uid in enumerate(user_ids):
+            row = self.rows.get(uid)
+            if row is None:
+                row = self.rows[uid] = len(self.ids)
+                self.ids.append(uid)
+                fresh.append(row)
+            out[i] = row
+        if fresh:
+            self._grow(len(self.ids))
+            self.phi[fresh] = phi0
+        return out
+
+    def set_features(self, rows: np.ndarray, features: np.ndarray) -> None:
+        """Latest non-empty features win; an event without user features keeps the old."""
+        has = features.any(axis=1)
+        self.features[rows[has]] = features[has]
+
+    def push(
+        self, rows: np.ndarray, item: np.ndarray, item_feats: np.ndarray, context: np.ndarray,
+        label: np.ndarray,
+    ) -> None:
+        """Append one example to each of ``rows`` (distinct users)."""
+        if self.ring_item_feats is None:
+            self.ring_item_feats = np.zeros(
+                (self.phi.shape[0], self.ring, item_feats.shape[1]), dtype=np.int64
+            )
+        slot = self.learned[rows] % self.ring
+        self.ring_item[rows, slot] = item
+        self.ring_item_feats[rows, slot] = item_feats
+        self.ring_context[rows, slot] = context
+        self.ring_label[rows, slot] = label
+        self.learned[rows] += 1
+
+    def task(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
+        """Each user's buffered examples, oldest first: (examples n x R, labels, mask)."""
+        n_seen = self.learned[rows]
+        length = np.minimum(n_seen, self.ring)
+        # position j of the time-ordered task is ring slot (n_seen - length + j) % ring
+        j = np.arange(self.ring)
+        slot = (n_seen[:, None] - length[:, None] + j) % self.ring
+        mask = j[None, :] < length[:, None]
+        r = rows[:, None]
+        assert self.ring_item_feats is not None
+        user_feats = np.concatenate(
+            [np.broadcast_to(self.features[rows][:, None, :],
+                             (len(rows), self.ring, self.features.shape[1])),
+             self.ring_context[r, slot]], axis=-1,
+        )
+        examples = Examples(
+            torch.from_numpy(self.ring_item[r, slot]),
+            torch.from_numpy(self.ring_item_feats[r, slot]),
+            torch.from_numpy(np.ascontiguousarray(user_feats)),
+        )
+        return (examples, torch.from_numpy(self.ring_label[r, slot]),
+                torch.from_numpy(mask.astype(np.float32)))
