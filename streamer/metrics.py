@@ -1,0 +1,81 @@
+"""Prometheus metrics (conventional names: base units, ``_total`` counters, no
+user ids in labels), served over HTTP by prometheus-client."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from metarec.events import REJECT_REASONS
+from streamer.pipeline import BatchResult, Pipeline
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter("metarec_events", "Valid events consumed, by type", ["type"],
+                              registry=r)
+        self.records = Counter("metarec_records", "Raw records consumed", registry=r)
+        self.examples = Counter("metarec_labelled_examples", "Labelled examples learned from",
+                                ["label"], registry=r)
+        self.dead = Counter("metarec_dead_letters", "Records sent to the dead-letter topic",
+                            ["reason"], registry=r)
+        self.batch_seconds = Histogram(
+            "metarec_microbatch_duration_seconds", "Time to process one micro-batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.meta_updates = Counter("metarec_meta_updates", "Meta-updates of the shared "
+                                    "initialisation", registry=r)
+        self.meta_seconds = Histogram("metarec_meta_update_duration_seconds",
+                                      "Time of one meta-update", registry=r)
+        self.model_version = Gauge("metarec_model_version", "Newest model version published "
+                                   "or loaded", registry=r)
+        self.published = Counter("metarec_model_versions_published", "Model versions "
+                                 "published to the model topic", registry=r)
+        self.logloss = Gauge("metarec_prequential_logloss", "Prequential logloss over the "
+                             "recent window", registry=r)
+        self.auc = Gauge("metarec_prequential_auc", "Prequential AUC over the recent window",
+                         registry=r)
+        self.users = Gauge("metarec_users", "Users with fast weights in memory", registry=r)
+        self.pending = Gauge("metarec_pending_impressions", "Impressions waiting for a label",
+                             registry=r)
+        self.join = Counter("metarec_join_outcomes", "Join outcomes (clicked, no_click, "
+                            "evicted, late_click, ...)", ["outcome"], registry=r)
+        self.watermark = Gauge("metarec_watermark_timestamp_seconds", "Event-time watermark",
+                               registry=r)
+        for reason in REJECT_REASONS:  # export zeros so rate() works from the start
+            self.dead.labels(reason)
+        self._join_seen: dict[str, int] = {}
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def observe(self, result: BatchResult, pipeline: Pipeline) -> None:
+        self.records.inc(result.records)
+        for kind, n in result.events.items():
+            self.events.labels(kind).inc(n)
+        for label in (0, 1):
+            n = sum(1 for p in result.predictions if p.label == label)
+            if n:
+                self.examples.labels(str(label)).inc(n)
+        for dead in result.dead_letters:
+            self.dead.labels(dead.reason).inc()
+        self.batch_seconds.observe(result.seconds)
+        if result.meta is not None:
+            self.meta_updates.inc()
+            self.meta_seconds.observe(result.meta.seconds)
+        loss, auc = pipeline.evaluation.windowed()
+        if not math.isnan(loss):
+            self.logloss.set(loss)
+        if not math.isnan(auc):
+            self.auc.set(auc)
+        self.users.set(len(pipeline.learner.users))
+        self.pending.set(pipeline.joiner.pending)
+        if math.isfinite(pipeline.joiner.watermark):
+            self.watermark.set(pipeline.joiner.watermark)
+        for outcome, n in pipeline.joiner.stats.items():
+            delta = n - self._join_seen.get(outcome, 0)
+            if delta:
+                self.join.labels(outcome).inc(delta)
+            self._join_seen[outcome] = n

@@ -1,0 +1,174 @@
+"""One micro-batch, whatever the source: decode and validate, join, predict then
+learn, evaluate, meta-update when due. The Kafka consumer and the file replay
+both drive this class, so they behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+import numpy as np
+
+from metarec.encoding import encode
+from metarec.evaluation import Prequential
+from metarec.events import Click, Impression, Rejected, decode_event
+from metarec.joiner import Joiner, Labelled, Scored
+from metarec.learner import LEARN, PREDICT, MetaReport, OnlineLearner
+from streamer.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A raw record and where it came from (partition/offset -1 for files)."""
+
+    value: bytes
+    key: bytes | None = None
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One line of the prediction log: the score an impression got when it was seen."""
+
+    user_id: str
+    item_id: str
+    timestamp: float
+    k: int
+    p: float
+    label: int
+
+    def to_json(self) -> str:
+        ts: float | int = int(self.timestamp) if self.timestamp.is_integer() else self.timestamp
+        return json.dumps({"user_id": self.user_id, "item_id": self.item_id, "timestamp": ts,
+                           "k": self.k, "p": round(self.p, 6), "label": self.label})
+
+
+@dataclass
+class BatchResult:
+    records: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    predictions: list[Prediction] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    meta: MetaReport | None = None
+    seconds: float = 0.0
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, learner: OnlineLearner, *, keep_all: bool = False):
+        self.settings = settings
+        self.learner = learner
+        self.joiner = Joiner(window=settings.attribution_window_seconds,
+                             lateness=settings.allowed_lateness_seconds,
+                             max_pending=settings.max_pending_impressions)
+        self.evaluation = Prequential(keep_all=keep_all)
+        self.dead_letters: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+
+    def process(self, records: Sequence[Record]) -> BatchResult:
+        t0 = time.perf_counter()
+        result = BatchResult(records=len(records))
+        batch = _OpsBuilder()
+        for rec in records:
+            event = decode_event(rec.value, max_bytes=self.settings.max_record_bytes)
+            if not isinstance(event, Rejected):
+                event = self._check_clock(event)
+            if isinstance(event, Rejected):
+                result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
+                continue
+            result.events[event.type] += 1
+            batch.learn_all(self.joiner.advance(event.timestamp))
+            if isinstance(event, Impression):
+                scored = Scored()
+                batch.predict(event, scored)
+                batch.learn_all(self.joiner.impression(event, scored, rec.partition, rec.offset))
+            else:
+                batch.learn_all(self.joiner.click(event))
+        self._run(batch, result)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def finish(self) -> BatchResult:
+        """End of a finite log: every window is over, label what is still pending."""
+        result = BatchResult()
+        batch = _OpsBuilder()
+        batch.learn_all(self.joiner.advance(math.inf))
+        self._run(batch, result)
+        return result
+
+    def _check_clock(self, event: Impression | Click) -> Impression | Click | Rejected:
+        # Against the wall clock, not the watermark: a quiet day in the stream must
+        # not make every later event look like it came from the future.
+        ahead = event.timestamp - time.time()
+        if ahead > self.settings.max_future_skew_seconds:
+            return Rejected("bad_timestamp", f"{ahead:.0f} s ahead of the wall clock")
+        return event
+
+    def _run(self, batch: _OpsBuilder, result: BatchResult) -> None:
+        spec = self.learner.config.model.features
+        if batch.impressions:
+            ops = encode(batch.impressions, batch.kinds, batch.labels, spec)
+            scores = self.learner.process(ops)
+            for i, scored in batch.scored:
+                scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
+        result.predictions = [
+            Prediction(lab.impression.user_id, lab.impression.item_id, lab.impression.timestamp,
+                       lab.scored.k, lab.scored.p, int(lab.label))
+            for lab in batch.learned
+        ]
+        self._evaluate(result.predictions)
+        if self.learner.meta_due:
+            result.meta = self.learner.meta_update()
+        for dead in result.dead_letters:
+            self.dead_letters[dead.reason] += 1
+        self.events.update(result.events)
+
+    def _evaluate(self, predictions: list[Prediction]) -> None:
+        if predictions:
+            self.evaluation.update(np.array([p.p for p in predictions]),
+                                   np.array([p.label for p in predictions], dtype=np.float64),
+                                   np.array([p.k for p in predictions], dtype=np.int64))
+
+
+class _OpsBuilder:
+    """Ops in stream order, with what is needed to map scores back."""
+
+    def __init__(self) -> None:
+        self.impressions: list[Impression] = []
+        self.kinds: list[int] = []
+        self.labels: list[float] = []
+        self.scored: list[tuple[int, Scored]] = []
+        self.learned: list[Labelled] = []
+
+    def predict(self, imp: Impression, scored: Scored) -> None:
+        self.scored.append((len(self.impressions), scored))
+        self._add(imp, PREDICT, 0.0)
+
+    def learn_all(self, labelled: list[Labelled]) -> None:
+        for lab in labelled:
+            self.learned.append(lab)
+            self._add(lab.impression, LEARN, lab.label)
+
+    def _add(self, imp: Impression, kind: int, label: float) -> None:
+        self.impressions.append(imp)
+        self.kinds.append(kind)
+        self.labels.append(label)
+
+
+def write_predictions(out: IO[str], predictions: list[Prediction]) -> None:
+    if predictions:
+        out.write("\n".join(p.to_json() for p in predictions) + "\n")

@@ -1,0 +1,199 @@
+"""``metarec run``: the long-lived consumer-group member.
+
+Loop: poll a micro-batch -> pipeline (decode, join, predict, learn, meta-update)
+-> dead letters out -> model version out when due -> commit offsets.
+
+Delivery: at-least-once. Offsets are committed only after the records they
+cover have been learned from and their dead letters acknowledged, and never past
+an impression still waiting for its click. SIGTERM/SIGINT finish the current
+micro-batch, publish the model, commit and exit 0.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import signal
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from metarec import snapshot
+from metarec.learner import OnlineLearner
+from streamer import kafka_io
+from streamer.config import Settings, config_hash
+from streamer.metrics import Metrics
+from streamer.model_topic import Manifest, publish, read_versions
+from streamer.pipeline import BatchResult, Pipeline, Record, write_predictions
+
+log = logging.getLogger("metarec.run")
+
+
+@dataclass
+class RunSummary:
+    records: int
+    labelled: int
+    dead_letters: int
+    versions_published: list[int]
+    newest_version: int | None
+
+
+class Runner:
+    def __init__(self, settings: Settings, bootstrap: str, metrics: Metrics | None = None):
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.metrics = metrics or Metrics()
+        self.stopping = False
+        self.version: int | None = None
+        self.published: list[int] = []
+        self._metas_since_publish = 0
+        self._positions: dict[TopicPartition, int] = {}
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        if not self.stopping:
+            log.info("stop requested: finishing the current micro-batch")
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _learner(self) -> OnlineLearner:
+        config = self.settings.learner_config()
+        learner = OnlineLearner(config)
+        newest = read_versions(self.bootstrap, self.settings.model_topic).newest
+        if newest is None:
+            log.info("no model version on %s: starting from a fresh initialisation",
+                     self.settings.model_topic)
+            return learner
+        try:
+            theta = snapshot.loads(newest.payload, like=learner.theta)
+        except snapshot.SnapshotError as exc:
+            log.error("model version %d does not fit this config, starting fresh: %s",
+                      newest.manifest.version, exc)
+            return learner
+        self.version = newest.manifest.version
+        self.metrics.model_version.set(self.version)
+        log.info("loaded model version %d (%s, %d bytes) from %s", self.version,
+                 newest.manifest.algorithm, newest.manifest.size, self.settings.model_topic)
+        return OnlineLearner(config, theta=theta)
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        s = self.settings
+        kafka_io.ensure_topics(self.bootstrap, s)
+        pipeline = Pipeline(s, self._learner())
+        with ExitStack() as stack:
+            prod = kafka_io.producer(self.bootstrap)
+            stack.callback(prod.close)
+            cons = kafka_io.consumer(self.bootstrap, s)
+            stack.callback(cons.close)
+            cons.subscribe([s.events_topic])
+            out: IO[str] | None = None
+            if s.predictions_out is not None:
+                out = stack.enter_context(Path(s.predictions_out).open("w"))
+            self._loop(cons, prod, pipeline, out)
+            # drained: publish what was learned since the last version, then commit
+            if self._metas_since_publish or (self.version is None
+                                            and pipeline.learner.examples_learned):
+                self._publish(prod, pipeline)
+            prod.flush()
+            self._commit(cons, pipeline)
+        return RunSummary(
+            records=sum(pipeline.events.values()) + sum(pipeline.dead_letters.values()),
+            labelled=pipeline.learner.examples_learned,
+            dead_letters=sum(pipeline.dead_letters.values()),
+            versions_published=self.published,
+            newest_version=self.version,
+        )
+
+    def _loop(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
+              out: IO[str] | None) -> None:
+        s = self.settings
+        last_record = last_log = time.monotonic()
+        records_total = 0
+        while not self.stopping:
+            polled = cons.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
+            records = self._merge(polled)
+            now = time.monotonic()
+            if not records:
+                if s.idle_exit_seconds is not None and now - last_record > s.idle_exit_seconds:
+                    log.info("no records for %.0f s: stopping", s.idle_exit_seconds)
+                    break
+                continue
+            last_record = now
+            result = pipeline.process(records)
+            records_total += len(records)
+            self._after_batch(cons, prod, pipeline, result, out)
+            if now - last_log >= s.log_every_seconds:
+                self._log_progress(pipeline, records_total, cons)
+                last_log = now
+        self._log_progress(pipeline, records_total, cons)
+
+    def _merge(self, polled: dict[TopicPartition, list]) -> list[Record]:  # type: ignore[type-arg]
+        """Interleave partitions by record timestamp, keeping each partition's order
+        (a user's events all live in one partition)."""
+        for tp, msgs in polled.items():
+            self._positions[tp] = msgs[-1].offset + 1
+        merged = heapq.merge(*polled.values(), key=lambda m: m.timestamp)
+        return [Record(m.value if m.value is not None else b"", m.key, m.topic, m.partition,
+                       m.offset) for m in merged]
+
+    def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
+                     result: BatchResult, out: IO[str] | None) -> None:
+        if result.dead_letters:
+            kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
+        if out is not None:
+            write_predictions(out, result.predictions)
+        if result.meta is not None:
+            self._metas_since_publish += 1
+            if self._metas_since_publish >= self.settings.publish_every:
+                self._publish(prod, pipeline)
+        self.metrics.observe(result, pipeline)
+        prod.flush()  # dead letters are safe before their offsets are committed
+        self._commit(cons, pipeline)
+
+    def _publish(self, prod: KafkaProducer, pipeline: Pipeline) -> Manifest:
+        learner = pipeline.learner
+        version = (self.version or 0) + 1
+        manifest = publish(
+            prod, self.settings.model_topic, snapshot.dumps(learner.theta), version=version,
+            parent=self.version, algorithm=learner.config.meta.algorithm.value,
+            config_hash=config_hash(learner.config), examples_learned=learner.examples_learned,
+        )
+        self.version = version
+        self.published.append(version)
+        self._metas_since_publish = 0
+        self.metrics.model_version.set(version)
+        self.metrics.published.inc()
+        log.info("published model version %d (%d bytes in %d chunk(s))", version,
+                 manifest.size, len(manifest.chunks))
+        return manifest
+
+    def _commit(self, cons: KafkaConsumer, pipeline: Pipeline) -> None:
+        pending = pipeline.joiner.oldest_offsets()
+        offsets = {}
+        for tp, position in self._positions.items():
+            offset = min(position, pending.get(tp.partition, position))
+            offsets[tp] = OffsetAndMetadata(offset, "", -1)
+        if offsets:
+            cons.commit(offsets)
+
+    def _log_progress(self, pipeline: Pipeline, records: int, cons: KafkaConsumer) -> None:
+        loss, auc = pipeline.evaluation.windowed()
+        log.info(
+            "records %d | labelled %d | dead letters %d | users %d | pending %d | "
+            "meta-updates %d | model v%s | window logloss %.4f AUC %.4f",
+            records, pipeline.learner.examples_learned, sum(pipeline.dead_letters.values()),
+            len(pipeline.learner.users), pipeline.joiner.pending,
+            pipeline.learner.meta_updates, self.version or "-", loss, auc,
+        )
