@@ -7,6 +7,11 @@
   seen minus the allowed lateness) passes the end of its window.
 * A click that arrives before its impression waits (bounded) for it.
 
+With several source partitions, each has its own event-time high mark and the
+watermark follows the slowest partition that is still active (one that gave a
+record within ``idle_after`` seconds of wall time), so a partition read ahead
+cannot close the windows of impressions still unread in another.
+
 Memory is bounded: past ``max_pending`` the impression whose window ends first
 is closed early as a non-click (counted as ``evicted``); orphan clicks past
 ``max_orphans`` are dropped (counted). Everything runs on event timestamps, so a
@@ -52,19 +57,37 @@ class Joiner:
     lateness: float = 60.0
     max_pending: int = 1_000_000
     max_orphans: int = 100_000
+    idle_after: float = 10.0
     watermark: float = -math.inf
     stats: Counter[str] = field(default_factory=Counter)
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
     _orphans: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    _high: dict[int, float] = field(default_factory=dict)  # partition -> highest event time
+    _heard: dict[int, float] = field(default_factory=dict)  # partition -> last wall time
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def advance(self, timestamp: float) -> list[Labelled]:
-        """Move the watermark with an event's time; close the windows it passes."""
-        self.watermark = max(self.watermark, timestamp - self.lateness)
+    def track(self, partitions: list[int], now: float) -> None:
+        """Partitions assigned to this reader hold the watermark back from the
+        start, until they deliver or stay silent for ``idle_after`` seconds."""
+        for p in partitions:
+            self._high.setdefault(p, -math.inf)
+            self._heard.setdefault(p, now)
+
+    def advance(self, timestamp: float, partition: int = -1,
+                now: float | None = None) -> list[Labelled]:
+        """Move the watermark with an event's time; close the windows it passes.
+        ``now`` (monotonic wall time) marks the partition active; None: always active."""
+        if timestamp > self._high.get(partition, -math.inf):
+            self._high[partition] = timestamp
+        if now is not None:
+            self._heard[partition] = now
+        active = [t for p, t in self._high.items()
+                  if now is None or now - self._heard.get(p, now) <= self.idle_after]
+        self.watermark = max(self.watermark, min(active) - self.lateness)
         out: list[Labelled] = []
         while self._deadlines and self._deadlines[0][0] < self.watermark:
             _, imp_id = heapq.heappop(self._deadlines)

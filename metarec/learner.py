@@ -167,7 +167,10 @@ class OnlineLearner:
             view = Localized(self.theta, [tasks], dense=learned_names(cfg.algorithm))
             loss_t = meta_loss(view.theta, view.batches[0], y, mask, self.config.model,
                                cfg.algorithm)
-            self.meta_opt.step(self.theta, gradients(loss_t, view), cfg.lr, view)
+            grads = gradients(loss_t, view)
+            if not cfg.update_tables:
+                grads = {k: g for k, g in grads.items() if view.rows_of(k) is None}
+            self.meta_opt.step(self.theta, grads, cfg.lr, view)
             loss = float(loss_t.detach())
         self.meta_updates += 1
         return MetaReport(len(eligible), loss, time.perf_counter() - t0)

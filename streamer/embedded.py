@@ -36,9 +36,15 @@ class EmbeddedBroker:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
-        while True:
+        while not self._accepts_connections():
             if self._proc.poll() is not None:
                 raise RuntimeError(f"embedded broker exited with {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("embedded broker did not come up")
+            time.sleep(0.05)
+        # listening is not yet serving: wait until it answers a metadata request
+        while True:
             try:
                 KafkaAdminClient(bootstrap_servers=self.bootstrap,
                                  request_timeout_ms=2000).close()
@@ -46,8 +52,15 @@ class EmbeddedBroker:
             except KafkaError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("embedded broker did not come up") from None
+                    raise RuntimeError("embedded broker does not answer") from None
                 time.sleep(0.1)
+
+    def _accepts_connections(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -56,25 +56,34 @@ def _key(version: int, part: str) -> bytes:
     return f"v{version:010d}/{part}".encode()
 
 
-def publish(producer: KafkaProducer, topic: str, payload: bytes, *, version: int,
-            parent: int | None, algorithm: str, config_hash: str,
-            examples_learned: int) -> Manifest:
-    """Send the chunks, then the manifest; return once the broker has them all."""
+Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
+
+
+def messages(payload: bytes, *, version: int, parent: int | None, algorithm: str,
+             config_hash: str, examples_learned: int) -> tuple[Manifest, list[Message]]:
+    """The messages of one version: its chunks, then its manifest."""
     chunks = [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
     manifest = Manifest(version, parent, algorithm, config_hash, SCHEMA, len(payload),
                         _sha(payload), [_sha(c) for c in chunks], examples_learned, time.time())
-    futures = []
-    for i, chunk in enumerate(chunks):
-        key = _key(version, f"chunk/{i:05d}")
-        _check_size(key, chunk)
-        futures.append(producer.send(topic, key=key, value=chunk, partition=0,
-                                     headers=[("metarec-kind", b"chunk")]))
-    for fut in futures:
+    out: list[Message] = [(_key(version, f"chunk/{i:05d}"), chunk, [("metarec-kind", b"chunk")])
+                          for i, chunk in enumerate(chunks)]
+    out.append((_key(version, "manifest"), manifest.to_json(), [("metarec-kind", b"manifest")]))
+    for key, value, _ in out:
+        _check_size(key, value)
+    return manifest, out
+
+
+def publish(producer: KafkaProducer, topic: str, payload: bytes, *, version: int,
+            parent: int | None, algorithm: str, config_hash: str,
+            examples_learned: int) -> Manifest:
+    """Send the chunks, then the manifest once the broker has every chunk."""
+    manifest, msgs = messages(payload, version=version, parent=parent, algorithm=algorithm,
+                              config_hash=config_hash, examples_learned=examples_learned)
+    *chunks, (mkey, mvalue, mheaders) = msgs
+    for fut in [producer.send(topic, key=k, value=v, partition=0, headers=h)
+                for k, v, h in chunks]:
         fut.get(timeout=60)
-    body = manifest.to_json()
-    _check_size(_key(version, "manifest"), body)
-    producer.send(topic, key=_key(version, "manifest"), value=body, partition=0,
-                  headers=[("metarec-kind", b"manifest")]).get(timeout=60)
+    producer.send(topic, key=mkey, value=mvalue, partition=0, headers=mheaders).get(timeout=60)
     return manifest
 
 

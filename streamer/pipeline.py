@@ -83,6 +83,7 @@ class Pipeline:
         t0 = time.perf_counter()
         result = BatchResult(records=len(records))
         batch = _OpsBuilder()
+        now = time.monotonic()
         for rec in records:
             event = decode_event(rec.value, max_bytes=self.settings.max_record_bytes)
             if not isinstance(event, Rejected):
@@ -91,7 +92,7 @@ class Pipeline:
                 result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
                 continue
             result.events[event.type] += 1
-            batch.learn_all(self.joiner.advance(event.timestamp))
+            batch.learn_all(self.joiner.advance(event.timestamp, rec.partition, now))
             if isinstance(event, Impression):
                 scored = Scored()
                 batch.predict(event, scored)

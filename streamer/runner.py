@@ -53,6 +53,7 @@ class Runner:
         self.version: int | None = None
         self.published: list[int] = []
         self._metas_since_publish = 0
+        self._learned_at_publish = 0
         self._positions: dict[TopicPartition, int] = {}
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
@@ -103,8 +104,7 @@ class Runner:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
             self._loop(cons, prod, pipeline, out)
             # drained: publish what was learned since the last version, then commit
-            if self._metas_since_publish or (self.version is None
-                                            and pipeline.learner.examples_learned):
+            if pipeline.learner.examples_learned > self._learned_at_publish:
                 self._publish(prod, pipeline)
             prod.flush()
             self._commit(cons, pipeline)
@@ -123,10 +123,13 @@ class Runner:
         records_total = 0
         while not self.stopping:
             polled = cons.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
-            records = self._merge(polled)
             now = time.monotonic()
+            pipeline.joiner.track([tp.partition for tp in cons.assignment()], now)
+            records = self._merge(polled)
             if not records:
-                if s.idle_exit_seconds is not None and now - last_record > s.idle_exit_seconds:
+                if not cons.assignment():  # still joining the group: not idle yet
+                    last_record = now
+                elif s.idle_exit_seconds is not None and now - last_record > s.idle_exit_seconds:
                     log.info("no records for %.0f s: stopping", s.idle_exit_seconds)
                     break
                 continue
@@ -173,6 +176,7 @@ class Runner:
         self.version = version
         self.published.append(version)
         self._metas_since_publish = 0
+        self._learned_at_publish = learner.examples_learned
         self.metrics.model_version.set(version)
         self.metrics.published.inc()
         log.info("published model version %d (%d bytes in %d chunk(s))", version,

@@ -8,9 +8,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from metarec.datasets import movielens
+from metarec.datasets.synthetic import SyntheticStream
 from streamer.pipeline import Record
 
-DATASETS = ("movielens-100k",)
+DATASETS = ("movielens-100k", "synthetic")
 
 
 class SourceError(ValueError):
@@ -20,8 +21,9 @@ class SourceError(ValueError):
 def read_source(name: str) -> Iterator[Record]:
     """Records of a dataset name or a JSONL path, in file order, keyed by user id
     where the line is JSON with a ``user_id`` (the key only decides partitions)."""
-    if name == "movielens-100k":
-        for event in movielens.events():
+    if name in DATASETS:
+        events = movielens.events() if name == "movielens-100k" else SyntheticStream().events()
+        for event in events:
             yield Record(json.dumps(event).encode(), key=event["user_id"].encode())
         return
     path = Path(name)

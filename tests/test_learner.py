@@ -1,0 +1,103 @@
+"""The learner predicts before it learns, in each user's own order, in waves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from metarec.datasets.synthetic import SyntheticStream
+from metarec.encoding import encode
+from metarec.events import Impression
+from metarec.learner import LEARN, PREDICT, OnlineLearner
+from streamer.pipeline import Pipeline
+from tests.helpers import as_record, records, small_settings
+
+T0 = 1_700_000_000.0
+
+
+def impression(user: str, item: str, t: float, clicked: bool | None = None) -> Impression:
+    return Impression(type="impression", impression_id=f"{user}-{item}-{t}", user_id=user,
+                      item_id=item, timestamp=T0 + t, clicked=clicked,
+                      item_features={"category": "c1"})
+
+
+def warmed_learner() -> OnlineLearner:
+    settings = small_settings()
+    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    recs = records(SyntheticStream(users=60, events_per_user=20))
+    for i in range(0, len(recs), 200):
+        pipeline.process(recs[i:i + 200])
+    return pipeline.learner
+
+
+def test_a_label_changes_the_users_next_prediction_within_the_same_micro_batch() -> None:
+    learner = warmed_learner()
+    spec = learner.config.model.features
+    first = {}
+    for label in (1.0, 0.0):
+        twin = OnlineLearner(learner.config, theta={k: v.clone() for k, v in learner.theta.items()})
+        a = impression("new-user", "i7", 0)
+        ops = encode([a, a, a], [PREDICT, LEARN, PREDICT], [0.0, label, 0.0], spec)
+        scores = twin.process(ops)
+        first[label] = (scores.p[0], scores.p[2], scores.k[2])
+    (p0, p_after_click, k_after), (p0_again, p_after_skip, _) = first[1.0], first[0.0]
+    assert p0 == p0_again  # the first prediction cannot know the label
+    assert k_after == 1
+    assert p_after_click > p0 > p_after_skip
+
+
+def test_interleaving_other_users_does_not_change_anyones_predictions() -> None:
+    learner = warmed_learner()
+    spec = learner.config.model.features
+    a = [impression("ua", f"i{n}", n, clicked=n % 2 == 0) for n in range(4)]
+    b = [impression("ub", f"i{n + 10}", n, clicked=n % 3 == 0) for n in range(4)]
+
+    def run(order: list[Impression]) -> dict[str, float]:
+        twin = OnlineLearner(learner.config, theta={k: v.clone() for k, v in learner.theta.items()})
+        imps = [x for imp in order for x in (imp, imp)]
+        kinds = [PREDICT, LEARN] * len(order)
+        labels = [float(x.clicked or 0) for x in imps]
+        scores = twin.process(encode(imps, kinds, labels, spec))
+        return {order[i].impression_id: scores.p[2 * i] for i in range(len(order))}
+
+    interleaved = run([x for pair in zip(a, b, strict=True) for x in pair])
+    grouped = run(b + a)
+    assert interleaved.keys() == grouped.keys()
+    for key, p in interleaved.items():
+        assert abs(p - grouped[key]) < 1e-6
+
+
+def test_prequential_honesty_a_label_never_reaches_its_own_prediction() -> None:
+    """Flip one label: its own prediction and every earlier one stay the same;
+    the same user's later predictions change."""
+    events = list(SyntheticStream(users=40, events_per_user=15, seed=3).events())
+    target = 300
+    flipped = [dict(e) for e in events]
+    flipped[target]["clicked"] = not flipped[target]["clicked"]
+    user = events[target]["user_id"]
+
+    def predictions(evs: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+        settings = small_settings(meta_every=100)
+        pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+        out = []
+        for i in range(0, len(evs), 64):
+            out += [json.loads(p.to_json()) for p in
+                    pipeline.process([as_record(e) for e in evs[i:i + 64]]).predictions]
+        return out
+
+    base, other = predictions(events), predictions(flipped)
+    assert [p["p"] for p in base[: target + 1]] == [p["p"] for p in other[: target + 1]]
+    later = [i for i in range(target + 1, len(events)) if events[i]["user_id"] == user]
+    assert later and any(base[i]["p"] != other[i]["p"] for i in later)
+
+
+def test_k_counts_the_labels_a_user_had_given_before() -> None:
+    settings = small_settings()
+    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    evs = list(SyntheticStream(users=5, events_per_user=10, seed=4).events())
+    preds = pipeline.process([as_record(e) for e in evs]).predictions
+    for user in {e["user_id"] for e in evs}:
+        ks = [p.k for p in preds if p.user_id == user]
+        assert ks == list(range(len(ks)))
+    assert np.all(np.isfinite([p.p for p in preds]))
