@@ -64,7 +64,7 @@ class Click(_Event):
 
 
 Event = Annotated[Impression | Click, Field(discriminator="type")]
-_EVENT = TypeAdapter(Event)
+_EVENT: TypeAdapter[Impression | Click] = TypeAdapter(Event)
 
 
 @dataclass(frozen=True, slots=True)

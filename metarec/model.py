@@ -69,7 +69,7 @@ class Examples(NamedTuple):
     item_feats: torch.Tensor  # S x item_slots, 0 = empty
     user_feats: torch.Tensor  # S x (user_slots + context_slots), 0 = empty
 
-    def index(self, idx: torch.Tensor | slice) -> Examples:
+    def take(self, idx: torch.Tensor | slice | int) -> Examples:
         return Examples(self.item[idx], self.item_feats[idx], self.user_feats[idx])
 
 
@@ -98,7 +98,7 @@ def represent(theta: Theta, ex: Examples) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def logit(phi: torch.Tensor, q: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``phi`` broadcasts against ``q``: (n x d+1) with q (n x d) or (n x 1 x d+1) with (n x R x d)."""
+    """``phi`` broadcasts against ``q``: (n x d+1) with (n x d), (n x 1 x d+1) with (n x R x d)."""
     return base + phi[..., -1] + (phi[..., :-1] * q).sum(-1)
 
 

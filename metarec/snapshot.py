@@ -18,7 +18,8 @@ class SnapshotError(ValueError):
 
 def dumps(theta: Theta) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: v.detach().cpu().numpy() for k, v in theta.items()})
+    arrays = {k: v.detach().cpu().numpy() for k, v in theta.items()}
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

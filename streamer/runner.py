@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -142,7 +142,7 @@ class Runner:
                 last_log = now
         self._log_progress(pipeline, records_total, cons)
 
-    def _merge(self, polled: dict[TopicPartition, list]) -> list[Record]:  # type: ignore[type-arg]
+    def _merge(self, polled: dict[TopicPartition, list[Any]]) -> list[Record]:
         """Interleave partitions by record timestamp, keeping each partition's order
         (a user's events all live in one partition)."""
         for tp, msgs in polled.items():

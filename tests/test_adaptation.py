@@ -50,11 +50,12 @@ def sgd_one_user(theta: dict[str, torch.Tensor], phi: torch.Tensor, ex: Examples
 def test_batched_adaptation_equals_a_per_user_sgd_loop() -> None:
     theta = random_theta()
     ex, y, mask = random_tasks(5, 8)
-    phi = theta["phi0"] + 0.1 * torch.randn(5, CFG.phi_dim, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(5, CFG.phi_dim, generator=torch.Generator().manual_seed(3))
+    phi = theta["phi0"] + 0.1 * noise
     batched = adapt(theta, phi, ex, y, mask, CFG)
     for u in range(5):
         m = mask[u].bool()
-        one = sgd_one_user(theta, phi[u], ex.index(u).index(m), y[u][m], mask[u][m])
+        one = sgd_one_user(theta, phi[u], ex.take(u).take(m), y[u][m], mask[u][m])
         torch.testing.assert_close(batched[u], one, atol=1e-5, rtol=1e-5)
 
 

@@ -18,7 +18,7 @@ def unrolled_meta_loss(theta: dict[str, torch.Tensor], ex, y, mask, first_order:
     lr = theta["log_inner_lr"].exp()
     total = torch.zeros(())
     for u in range(y.shape[0]):
-        exu = ex.index(u)
+        exu = ex.take(u)
         phi = theta["phi0"]
         for _ in range(CFG.inner_steps):
             q, base = represent(theta, exu)
@@ -75,6 +75,6 @@ def test_reptile_moves_the_init_towards_the_adapted_weights() -> None:
     adapted = []
     for u in range(5):
         m = mask[u].bool()
-        adapted.append(sgd_one_user(theta, phi, ex.index(u).index(m), y[u][m], mask[u][m]))
+        adapted.append(sgd_one_user(theta, phi, ex.take(u).take(m), y[u][m], mask[u][m]))
     torch.testing.assert_close(direction, phi - torch.stack(adapted).mean(0), atol=1e-5,
                                rtol=1e-5)
