@@ -19,7 +19,16 @@ import torch
 from pydantic import BaseModel, Field
 
 from metarec.meta import Algorithm, MetaConfig, learned_names, meta_loss, reptile_direction
-from metarec.model import Examples, ModelConfig, Theta, adapt, bce, init_theta, logit, represent
+from metarec.model import (
+    Examples,
+    ModelConfig,
+    Theta,
+    adapt_represented,
+    bce,
+    init_theta,
+    logit,
+    represent,
+)
 from metarec.optim import Adagrad, Localized, gradients
 from metarec.users import UserStore
 
@@ -69,8 +78,8 @@ class OnlineLearner:
         self.config = config
         m = config.model
         self.theta: Theta = theta if theta is not None else init_theta(m, config.seed)
-        self.users = UserStore(m.phi_dim, config.task_size, m.features.user_slots,
-                               m.features.context_slots)
+        self.users = UserStore(m.phi_dim, config.task_size, m.features.item_slots,
+                               m.features.user_slots, m.features.context_slots)
         self.online_opt = Adagrad(self.theta)
         self.meta_opt = Adagrad(self.theta)
         self.rng = np.random.default_rng(config.seed)
@@ -92,42 +101,37 @@ class OnlineLearner:
         wave, rank = _waves(rows, ops.kind)
         learn_phi = torch.zeros(n, self.config.model.phi_dim)
         with torch.no_grad():
+            # θ is fixed until the batch ends: represent every op, and every buffered
+            # example of the users who learn, once; the waves only gather.
+            q, base = represent(self.theta, self._examples(ops, rows, np.arange(n)))
+            ring = _BatchRing(self, np.unique(rows[ops.kind == LEARN]))
             for w in range(int(wave.max()) + 1):
                 in_wave = wave == w
                 pred = np.flatnonzero(in_wave & (ops.kind == PREDICT))
                 if len(pred):
-                    ex = self._examples(ops, rows, pred)
-                    q, base = represent(self.theta, ex)
-                    z = logit(users.phi[rows[pred]], q, base)
+                    z = logit(users.phi[rows[pred]], q[pred], base[pred])
                     p[pred] = torch.sigmoid(z).numpy()
                     k[pred] = users.learned[rows[pred]]
                 learn = np.flatnonzero(in_wave & (ops.kind == LEARN))
                 if len(learn):
-                    self._learn(ops, rows, learn, rank[learn], learn_phi)
+                    # the weights each example meets before it is learned: θ's online
+                    # step trains on exactly the situation a prediction is made in
+                    learn_phi[learn] = users.phi[rows[learn]]
+                    for r in range(int(rank[learn].max()) + 1):  # a user's labels in order
+                        sel = learn[rank[learn] == r]
+                        ring.push(rows[sel], q[sel], base[sel], ops.label[sel])
+                        users.push(rows[sel], ops.item[sel], ops.item_feats[sel],
+                                   ops.context[sel], ops.label[sel])
+                    ring.adapt(np.unique(rows[learn]))
+                    self.examples_learned += len(learn)
+                    self.since_meta += len(learn)
         self._online_step(ops, rows, learn_phi)
         return Scores(p, k)
 
     def _examples(self, ops: Ops, rows: np.ndarray, idx: np.ndarray) -> Examples:
         user_feats = np.concatenate([self.users.features[rows[idx]], ops.context[idx]], axis=1)
         return Examples(torch.from_numpy(ops.item[idx]), torch.from_numpy(ops.item_feats[idx]),
-                        torch.from_numpy(user_feats))
-
-    def _learn(self, ops: Ops, rows: np.ndarray, learn: np.ndarray, rank: np.ndarray,
-               learn_phi: torch.Tensor) -> None:
-        users = self.users
-        # The weights each example meets before it is learned: θ's online step
-        # trains on exactly the situation a prediction is made in.
-        learn_phi[learn] = users.phi[rows[learn]]
-        for r in range(int(rank.max()) + 1):  # a user's several labels, in order
-            sel = learn[rank == r]
-            users.push(rows[sel], ops.item[sel], ops.item_feats[sel], ops.context[sel],
-                       ops.label[sel])
-        touched = np.unique(rows[learn])
-        task, y, mask = users.task(touched)
-        users.phi[touched] = adapt(self.theta, users.phi[touched], task, y, mask,
-                                   self.config.model)
-        self.examples_learned += len(learn)
-        self.since_meta += len(learn)
+                        torch.from_numpy(user_feats.astype(np.int64)))
 
     def _online_step(self, ops: Ops, rows: np.ndarray, learn_phi: torch.Tensor) -> None:
         learn = np.flatnonzero(ops.kind == LEARN)
@@ -174,6 +178,33 @@ class OnlineLearner:
             loss = float(loss_t.detach())
         self.meta_updates += 1
         return MetaReport(len(eligible), loss, time.perf_counter() - t0)
+
+
+class _BatchRing:
+    """The task buffers of a micro-batch's learning users, already represented
+    under the batch's θ, kept in step with :class:`UserStore` as labels arrive."""
+
+    def __init__(self, learner: OnlineLearner, rows: np.ndarray):
+        self.learner = learner
+        self.rows = rows  # sorted, unique
+        task, self.y, self.mask = learner.users.ring_view(rows)
+        self.q, self.base = represent(learner.theta, task)
+
+    def push(self, rows: np.ndarray, q: torch.Tensor, base: torch.Tensor,
+             label: np.ndarray) -> None:
+        j = np.searchsorted(self.rows, rows)
+        slot = self.learner.users.learned[rows] % self.learner.users.ring
+        self.q[j, slot] = q
+        self.base[j, slot] = base
+        self.y[j, slot] = torch.from_numpy(label)
+        self.mask[j, slot] = 1.0
+
+    def adapt(self, rows: np.ndarray) -> None:
+        j = np.searchsorted(self.rows, rows)
+        users = self.learner.users
+        users.phi[rows] = adapt_represented(self.learner.theta, users.phi[rows], self.q[j],
+                                            self.base[j], self.y[j], self.mask[j],
+                                            self.learner.config.model)
 
 
 def _waves(rows: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,23 @@ def adapt(
 ) -> torch.Tensor:
     """``steps`` inner steps from ``phi`` on each user's task (n x R examples)."""
     q, base = represent(theta, task)
+    return adapt_represented(theta, phi, q, base, y, mask, config, steps=steps,
+                             first_order=first_order)
+
+
+def adapt_represented(
+    theta: Theta,
+    phi: torch.Tensor,
+    q: torch.Tensor,
+    base: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    config: ModelConfig,
+    *,
+    steps: int | None = None,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """:func:`adapt` on tasks already passed through :func:`represent`."""
     lr = theta["log_inner_lr"].exp()
     for _ in range(config.inner_steps if steps is None else steps):
         phi = inner_step(

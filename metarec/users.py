@@ -15,17 +15,19 @@ from metarec.model import Examples
 
 
 class UserStore:
-    def __init__(self, phi_dim: int, ring: int, user_slots: int, context_slots: int):
+    def __init__(self, phi_dim: int, ring: int, item_slots: int, user_slots: int,
+                 context_slots: int):
         self.ring = ring
         self.rows: dict[str, int] = {}
         self.ids: list[str] = []
         cap = 1024
         self.phi = torch.zeros(cap, phi_dim)
         self.learned = np.zeros(cap, dtype=np.int64)
-        self.features = np.zeros((cap, user_slots), dtype=np.int64)
-        self.ring_item = np.zeros((cap, ring), dtype=np.int64)
-        self.ring_item_feats: np.ndarray | None = None  # allocated on first push
-        self.ring_context = np.zeros((cap, ring, context_slots), dtype=np.int64)
+        # hashed ids fit in int32: half the memory of the int64 torch indexes with
+        self.features = np.zeros((cap, user_slots), dtype=np.int32)
+        self.ring_item = np.zeros((cap, ring), dtype=np.int32)
+        self.ring_item_feats = np.zeros((cap, ring, item_slots), dtype=np.int32)
+        self.ring_context = np.zeros((cap, ring, context_slots), dtype=np.int32)
         self.ring_label = np.zeros((cap, ring), dtype=np.float32)
 
     def __len__(self) -> int:
@@ -40,8 +42,6 @@ class UserStore:
         for name in ("learned", "features", "ring_item", "ring_item_feats", "ring_context",
                      "ring_label"):
             arr = getattr(self, name)
-            if arr is None:
-                continue
             grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             grown[:cap] = arr
             setattr(self, name, grown)
@@ -72,16 +72,19 @@ class UserStore:
         label: np.ndarray,
     ) -> None:
         """Append one example to each of ``rows`` (distinct users)."""
-        if self.ring_item_feats is None:
-            self.ring_item_feats = np.zeros(
-                (self.phi.shape[0], self.ring, item_feats.shape[1]), dtype=np.int64
-            )
         slot = self.learned[rows] % self.ring
         self.ring_item[rows, slot] = item
         self.ring_item_feats[rows, slot] = item_feats
         self.ring_context[rows, slot] = context
         self.ring_label[rows, slot] = label
         self.learned[rows] += 1
+
+    def ring_view(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
+        """Each user's buffered examples by ring slot (not time-ordered): enough
+        for a loss that is a mean over them."""
+        j = np.arange(self.ring)
+        mask = j[None, :] < np.minimum(self.learned[rows], self.ring)[:, None]
+        return self._gather(rows, np.broadcast_to(j, (len(rows), self.ring)), mask)
 
     def task(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
         """Each user's buffered examples, oldest first: (examples n x R, labels, mask)."""
@@ -91,17 +94,20 @@ class UserStore:
         j = np.arange(self.ring)
         slot = (n_seen[:, None] - length[:, None] + j) % self.ring
         mask = j[None, :] < length[:, None]
+        return self._gather(rows, slot, mask)
+
+    def _gather(self, rows: np.ndarray, slot: np.ndarray,
+                mask: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
         r = rows[:, None]
-        assert self.ring_item_feats is not None
         user_feats = np.concatenate(
             [np.broadcast_to(self.features[rows][:, None, :],
                              (len(rows), self.ring, self.features.shape[1])),
              self.ring_context[r, slot]], axis=-1,
         )
         examples = Examples(
-            torch.from_numpy(self.ring_item[r, slot]),
-            torch.from_numpy(self.ring_item_feats[r, slot]),
-            torch.from_numpy(np.ascontiguousarray(user_feats)),
+            torch.from_numpy(self.ring_item[r, slot].astype(np.int64)),
+            torch.from_numpy(self.ring_item_feats[r, slot].astype(np.int64)),
+            torch.from_numpy(user_feats.astype(np.int64)),
         )
         return (examples, torch.from_numpy(self.ring_label[r, slot]),
                 torch.from_numpy(mask.astype(np.float32)))
