@@ -86,6 +86,7 @@ class OnlineLearner:
         self.examples_learned = 0
         self.since_meta = 0
         self.meta_updates = 0
+        self.last_meta = time.monotonic()
 
     # -- one micro-batch ---------------------------------------------------------------
 
@@ -149,13 +150,18 @@ class OnlineLearner:
 
     @property
     def meta_due(self) -> bool:
-        return self.since_meta >= self.config.meta.every_examples
+        cfg = self.config.meta
+        if self.since_meta >= cfg.every_examples:
+            return True
+        return (cfg.every_seconds is not None and self.since_meta > 0
+                and time.monotonic() - self.last_meta >= cfg.every_seconds)
 
     def meta_update(self) -> MetaReport | None:
         """One meta-update of θ from a sample of users' tasks; None if too few users."""
         cfg = self.config.meta
         t0 = time.perf_counter()
         self.since_meta = 0
+        self.last_meta = time.monotonic()
         n_users = len(self.users)
         eligible = np.flatnonzero(self.users.learned[:n_users] >= cfg.min_task)
         if len(eligible) < 2:

@@ -30,6 +30,9 @@ class MetaConfig(BaseModel):
     min_task: int = Field(4, ge=2, description="labelled examples a user needs to be sampled")
     lr: float = Field(0.05, gt=0, description="Adagrad learning rate of the meta-update")
     every_examples: int = Field(2000, ge=1, description="meta-update every N labelled examples")
+    every_seconds: float | None = Field(
+        None, gt=0, description="also meta-update when this much wall time has passed "
+        "(live runs; replays stay deterministic without it)")
     update_tables: bool = Field(True, description="meta-update the embedding tables too "
                                 "(else only the initialisation and inner rates)")
 

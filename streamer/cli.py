@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python warns whenever learning holds its I/O loop for 100 ms; not news
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:

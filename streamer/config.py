@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     task_size: int = Field(20, ge=2, description="recent labelled examples kept per user")
     online_lr: float = Field(0.05, gt=0, description="learning rate of θ's online step")
     meta_every: int = Field(2000, ge=1, description="meta-update every N labelled examples")
+    meta_every_seconds: float | None = Field(
+        None, gt=0, description="also meta-update after this many seconds of wall time "
+        "with new labels (off by default: replays stay deterministic)")
     meta_users: int = Field(256, ge=1, description="users sampled per meta-update")
     meta_lr: float = Field(0.05, gt=0, description="learning rate of the meta-update")
     item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
@@ -82,7 +85,8 @@ class Settings(BaseSettings):
                                      feature_buckets=self.feature_buckets),
             ),
             meta=MetaConfig(algorithm=self.algorithm, users_per_update=self.meta_users,
-                            lr=self.meta_lr, every_examples=self.meta_every),
+                            lr=self.meta_lr, every_examples=self.meta_every,
+                            every_seconds=self.meta_every_seconds),
             task_size=self.task_size,
             online_lr=self.online_lr,
             seed=self.seed,

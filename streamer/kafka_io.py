@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
 
 from streamer.config import Settings
 from streamer.model_topic import MAX_MESSAGE_BYTES
@@ -58,10 +59,12 @@ def consumer(bootstrap: str, settings: Settings) -> KafkaConsumer:
     )
 
 
-def send_dead_letters(prod: KafkaProducer, topic: str, dead: Iterable[DeadLetter]) -> int:
+def send_dead_letters(prod: KafkaProducer, topic: str,
+                      dead: Iterable[DeadLetter]) -> list[FutureRecordMetadata]:
     """Original bytes as the value, original key, and why/where in headers (the
-    convention of Kafka Connect's dead-letter queues)."""
-    n = 0
+    convention of Kafka Connect's dead-letter queues). Check the futures after a
+    flush: offsets must not be committed past a dead letter the broker refused."""
+    futures = []
     for d in dead:
         rec = d.record
         headers = [
@@ -75,9 +78,8 @@ def send_dead_letters(prod: KafkaProducer, topic: str, dead: Iterable[DeadLetter
         if len(value) > MAX_MESSAGE_BYTES - 8192:  # keep the DLQ itself deliverable
             value = value[: MAX_MESSAGE_BYTES - 8192]
             headers.append(("metarec.dlq.truncated", b"1"))
-        prod.send(topic, key=rec.key, value=value, headers=headers)
-        n += 1
-    return n
+        futures.append(prod.send(topic, key=rec.key, value=value, headers=headers))
+    return futures
 
 
 def produce_records(prod: KafkaProducer, topic: str, records: Iterable[Record]) -> int:

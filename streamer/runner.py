@@ -21,7 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from metarec import snapshot
@@ -98,7 +99,7 @@ class Runner:
             stack.callback(prod.close)
             cons = kafka_io.consumer(self.bootstrap, s)
             stack.callback(cons.close)
-            cons.subscribe([s.events_topic])
+            cons.subscribe([s.events_topic], listener=_Rebalance(self, cons, pipeline))
             out: IO[str] | None = None
             if s.predictions_out is not None:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
@@ -153,8 +154,7 @@ class Runner:
 
     def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
                      result: BatchResult, out: IO[str] | None) -> None:
-        if result.dead_letters:
-            kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
+        dead = kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
         if out is not None:
             write_predictions(out, result.predictions)
         if result.meta is not None:
@@ -162,7 +162,11 @@ class Runner:
             if self._metas_since_publish >= self.settings.publish_every:
                 self._publish(prod, pipeline)
         self.metrics.observe(result, pipeline)
-        prod.flush()  # dead letters are safe before their offsets are committed
+        prod.flush()
+        for fut in dead:
+            # a refused dead letter must not be committed past: stop, and the
+            # records are read again after the restart
+            fut.get(timeout=30)
         self._commit(cons, pipeline)
 
     def _publish(self, prod: KafkaProducer, pipeline: Pipeline) -> Manifest:
@@ -189,8 +193,12 @@ class Runner:
         for tp, position in self._positions.items():
             offset = min(position, pending.get(tp.partition, position))
             offsets[tp] = OffsetAndMetadata(offset, "", -1)
-        if offsets:
+        if not offsets:
+            return
+        try:
             cons.commit(offsets)
+        except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
+            log.warning("offset commit failed, will retry with the next batch: %s", exc)
 
     def _log_progress(self, pipeline: Pipeline, records: int, cons: KafkaConsumer) -> None:
         loss, auc = pipeline.evaluation.windowed()
@@ -201,3 +209,22 @@ class Runner:
             len(pipeline.learner.users), pipeline.joiner.pending,
             pipeline.learner.meta_updates, self.version or "-", loss, auc,
         )
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Before partitions go to another member, commit what is safe for them; after,
+    forget their positions (committing them would fail or move another's offsets)."""
+
+    def __init__(self, runner: Runner, cons: KafkaConsumer, pipeline: Pipeline):
+        self.runner, self.cons, self.pipeline = runner, cons, pipeline
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.runner._commit(self.cons, self.pipeline)
+        for tp in revoked:
+            self.runner._positions.pop(tp, None)
+        if revoked:
+            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if assigned:
+            log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))

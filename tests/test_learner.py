@@ -101,3 +101,17 @@ def test_k_counts_the_labels_a_user_had_given_before() -> None:
         ks = [p.k for p in preds if p.user_id == user]
         assert ks == list(range(len(ks)))
     assert np.all(np.isfinite([p.p for p in preds]))
+
+
+def test_meta_update_is_due_after_n_labels_or_t_seconds() -> None:
+    by_count = OnlineLearner(small_settings(meta_every=3).learner_config())
+    by_count.since_meta = 2
+    assert not by_count.meta_due
+    by_count.since_meta = 3
+    assert by_count.meta_due
+    by_time = OnlineLearner(small_settings(meta_every=10**6,
+                                           meta_every_seconds=0.05).learner_config())
+    by_time.since_meta = 1
+    assert not by_time.meta_due
+    by_time.last_meta -= 0.06
+    assert by_time.meta_due
