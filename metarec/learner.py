@@ -39,7 +39,7 @@ LEARN = 1
 class LearnerConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     meta: MetaConfig = Field(default_factory=MetaConfig)
-    task_size: int = Field(20, ge=2, description="recent labelled examples kept per user (task)")
+    task_size: int = Field(50, ge=2, description="recent labelled examples kept per user (task)")
     online_lr: float = Field(0.05, gt=0, description="Adagrad rate of θ's per-micro-batch step")
     seed: int = Field(0, description="seed of the initialisation and of task sampling")
 
@@ -87,6 +87,8 @@ class OnlineLearner:
         self.since_meta = 0
         self.meta_updates = 0
         self.last_meta = time.monotonic()
+        # θ loaded from a snapshot: its non-zero item rows have been started already
+        self.item_started = self.theta["item_emb"].abs().sum(1).numpy() > 0
 
     # -- one micro-batch ---------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class OnlineLearner:
         rows = users.rows_for(ops.user, self.theta["phi0"])
         users.set_features(rows, ops.user_feats)
         wave, rank = _waves(rows, ops.kind)
+        self._start_items(ops.item[ops.kind == LEARN])
         learn_phi = torch.zeros(n, self.config.model.phi_dim)
         with torch.no_grad():
             # θ is fixed until the batch ends: represent every op, and every buffered
@@ -128,6 +131,17 @@ class OnlineLearner:
                     self.since_meta += len(learn)
         self._online_step(ops, rows, learn_phi)
         return Scores(p, k)
+
+    def _start_items(self, items: np.ndarray) -> None:
+        """Random start for item rows about to be learned from for the first time.
+        Every user starts from the same φ_0: with all-zero item rows every gradient
+        would point one way and the factorisation would collapse to rank one."""
+        new = np.unique(items[~self.item_started[items]])
+        if len(new):
+            scale = self.config.model.item_init_scale
+            start = self.rng.standard_normal((len(new), self.config.model.dim)) * scale
+            self.theta["item_emb"][new] = torch.from_numpy(start.astype(np.float32))
+            self.item_started[new] = True
 
     def _examples(self, ops: Ops, rows: np.ndarray, idx: np.ndarray) -> Examples:
         user_feats = np.concatenate([self.users.features[rows[idx]], ops.context[idx]], axis=1)
@@ -162,6 +176,8 @@ class OnlineLearner:
         t0 = time.perf_counter()
         self.since_meta = 0
         self.last_meta = time.monotonic()
+        # θ loaded from a snapshot: its non-zero item rows have been started already
+        self.item_started = self.theta["item_emb"].abs().sum(1).numpy() > 0
         n_users = len(self.users)
         eligible = np.flatnonzero(self.users.learned[:n_users] >= cfg.min_task)
         if len(eligible) < 2:

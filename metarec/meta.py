@@ -25,7 +25,7 @@ class Algorithm(StrEnum):
 
 
 class MetaConfig(BaseModel):
-    algorithm: Algorithm = Field(Algorithm.MAML, description="meta-learning algorithm")
+    algorithm: Algorithm = Field(Algorithm.REPTILE, description="meta-learning algorithm")
     users_per_update: int = Field(256, ge=1, description="tasks sampled per meta-update")
     min_task: int = Field(4, ge=2, description="labelled examples a user needs to be sampled")
     lr: float = Field(0.05, gt=0, description="Adagrad learning rate of the meta-update")

@@ -32,10 +32,10 @@ class ModelConfig(BaseModel):
     dim: int = Field(32, ge=1, description="embedding and user-vector width d")
     features: FeatureSpec = Field(default_factory=FeatureSpec)
     init_scale: float = Field(0.1, gt=0, description="std of the random initial user vector")
-    item_init_scale: float = Field(0.1, ge=0, description="std of the random initial item "
-                                   "embeddings")
+    item_init_scale: float = Field(0.1, ge=0, description="std of an item embedding's "
+                                   "random start, drawn when the item is first learned from")
     inner_lr: float = Field(0.5, gt=0, description="initial inner (per-user) learning rate")
-    inner_steps: int = Field(2, ge=1, description="SGD steps on a user's task per label")
+    inner_steps: int = Field(1, ge=1, description="SGD steps on a user's task per label")
     inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
 
     @property
@@ -44,15 +44,16 @@ class ModelConfig(BaseModel):
 
 
 def init_theta(config: ModelConfig, seed: int) -> Theta:
-    """Item embeddings start random: every user starts from the same φ_0, so with
-    zero item rows all gradients would point one way and the factorisation would
-    collapse to rank one. Feature tables start at zero."""
+    """Tables start at zero: an item never learned from scores by its features
+    alone, and untouched rows compress to nothing on the model topic. The learner
+    gives an item row a random start when the item is first learned from (see
+    :meth:`OnlineLearner.process`)."""
     gen = torch.Generator().manual_seed(seed)
     spec, d = config.features, config.dim
     phi0 = torch.zeros(config.phi_dim)
     phi0[:d] = torch.randn(d, generator=gen) * config.init_scale
     return {
-        "item_emb": torch.randn(spec.item_buckets, d, generator=gen) * config.item_init_scale,
+        "item_emb": torch.zeros(spec.item_buckets, d),
         "item_bias": torch.zeros(spec.item_buckets),
         "feat_emb": torch.zeros(spec.feature_buckets, d),
         "feat_bias": torch.zeros(spec.feature_buckets),

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from streamer import kafka_io
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"metarec: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    torch.set_num_threads(settings.torch_threads)
     try:
         if args.command == "run":
             return cmd_run(settings)

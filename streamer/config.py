@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(
         6000, ge=1000, description="consumer group session timeout; brokers finish a join in "
         "about half of it on first start")
-    max_batch_records: int = Field(2000, ge=1, description="records per micro-batch at most")
+    max_batch_records: int = Field(1000, ge=1, description="records per micro-batch at most")
     poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
     max_record_bytes: int = Field(65536, ge=64, description="larger records are dead-lettered")
     # joining
@@ -46,12 +46,12 @@ class Settings(BaseSettings):
     max_pending_impressions: int = Field(
         1_000_000, ge=1, description="unlabelled impressions held at most (then closed as 0)")
     # learning
-    algorithm: Algorithm = Field(Algorithm.MAML, description="meta-learning algorithm")
+    algorithm: Algorithm = Field(Algorithm.REPTILE, description="meta-learning algorithm")
     dim: int = Field(32, ge=1, description="embedding and user-vector width")
-    inner_steps: int = Field(2, ge=1, description="SGD steps on a user's task per label")
+    inner_steps: int = Field(1, ge=1, description="SGD steps on a user's task per label")
     inner_lr: float = Field(0.5, gt=0, description="inner learning rate (initial, Meta-SGD)")
     inner_l2: float = Field(0.01, ge=0, description="pull of user weights towards the init")
-    task_size: int = Field(20, ge=2, description="recent labelled examples kept per user")
+    task_size: int = Field(50, ge=2, description="recent labelled examples kept per user")
     online_lr: float = Field(0.05, gt=0, description="learning rate of θ's online step")
     meta_every: int = Field(2000, ge=1, description="meta-update every N labelled examples")
     meta_every_seconds: float | None = Field(
@@ -62,9 +62,14 @@ class Settings(BaseSettings):
     item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
     feature_buckets: int = Field(1 << 15, ge=2, description="hash buckets for feature tokens")
     seed: int = Field(0, description="random seed")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the tensors are "
+                               "small; more threads mostly contend with the Kafka client)")
     # publishing, outputs, operations
     publish_every: int = Field(5, ge=1, description="publish a model version every N "
                                "meta-updates (and at shutdown)")
+    model_chunk_bytes: int = Field(900_000, ge=1024, le=900_000,
+                                   description="model-topic chunk size (Kafka's default "
+                                   "message limit is 1 MB)")
     predictions_out: Path | None = Field(None, description="write the prediction log (JSONL)")
     metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")

@@ -60,9 +60,11 @@ Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
 
 
 def messages(payload: bytes, *, version: int, parent: int | None, algorithm: str,
-             config_hash: str, examples_learned: int) -> tuple[Manifest, list[Message]]:
+             config_hash: str, examples_learned: int,
+             chunk_bytes: int = CHUNK_BYTES) -> tuple[Manifest, list[Message]]:
     """The messages of one version: its chunks, then its manifest."""
-    chunks = [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
+    size = min(chunk_bytes, CHUNK_BYTES)
+    chunks = [payload[i:i + size] for i in range(0, len(payload), size)] or [b""]
     manifest = Manifest(version, parent, algorithm, config_hash, SCHEMA, len(payload),
                         _sha(payload), [_sha(c) for c in chunks], examples_learned, time.time())
     out: list[Message] = [(_key(version, f"chunk/{i:05d}"), chunk, [("metarec-kind", b"chunk")])
@@ -74,11 +76,12 @@ def messages(payload: bytes, *, version: int, parent: int | None, algorithm: str
 
 
 def publish(producer: KafkaProducer, topic: str, payload: bytes, *, version: int,
-            parent: int | None, algorithm: str, config_hash: str,
-            examples_learned: int) -> Manifest:
+            parent: int | None, algorithm: str, config_hash: str, examples_learned: int,
+            chunk_bytes: int = CHUNK_BYTES) -> Manifest:
     """Send the chunks, then the manifest once the broker has every chunk."""
     manifest, msgs = messages(payload, version=version, parent=parent, algorithm=algorithm,
-                              config_hash=config_hash, examples_learned=examples_learned)
+                              config_hash=config_hash, examples_learned=examples_learned,
+                              chunk_bytes=chunk_bytes)
     *chunks, (mkey, mvalue, mheaders) = msgs
     for fut in [producer.send(topic, key=k, value=v, partition=0, headers=h)
                 for k, v, h in chunks]:

@@ -99,7 +99,7 @@ class Runner:
             stack.callback(prod.close)
             cons = kafka_io.consumer(self.bootstrap, s)
             stack.callback(cons.close)
-            cons.subscribe([s.events_topic], listener=_Rebalance(self, cons, pipeline))
+            cons.subscribe([s.events_topic], listener=_Rebalance(self))
             out: IO[str] | None = None
             if s.predictions_out is not None:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
@@ -176,6 +176,7 @@ class Runner:
             prod, self.settings.model_topic, snapshot.dumps(learner.theta), version=version,
             parent=self.version, algorithm=learner.config.meta.algorithm.value,
             config_hash=config_hash(learner.config), examples_learned=learner.examples_learned,
+            chunk_bytes=self.settings.model_chunk_bytes,
         )
         self.version = version
         self.published.append(version)
@@ -212,14 +213,15 @@ class Runner:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Before partitions go to another member, commit what is safe for them; after,
-    forget their positions (committing them would fail or move another's offsets)."""
+    """Forget the positions of revoked partitions (committing them later would move
+    another member's offsets). Nothing to commit here: every processed micro-batch
+    is committed right after it, and kafka-python runs this callback on its I/O
+    thread, where a blocking commit is refused."""
 
-    def __init__(self, runner: Runner, cons: KafkaConsumer, pipeline: Pipeline):
-        self.runner, self.cons, self.pipeline = runner, cons, pipeline
+    def __init__(self, runner: Runner):
+        self.runner = runner
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.runner._commit(self.cons, self.pipeline)
         for tp in revoked:
             self.runner._positions.pop(tp, None)
         if revoked:

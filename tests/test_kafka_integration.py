@@ -48,7 +48,9 @@ class Topics:
                 "--model-topic", self.model, "--dlq-topic", self.dlq, "--group-id", self.group,
                 "--partitions", "3", "--item-buckets", "16384", "--feature-buckets", "1024",
                 "--meta-every", "400", "--meta-users", "64", "--publish-every", "2",
-                "--max-batch-records", "300", "--log-every-seconds", "1"]
+                "--max-batch-records", "300", "--log-every-seconds", "1",
+                # small chunks, so that even this small model travels in several
+                "--model-chunk-bytes", "16384"]
 
     def settings(self, broker: EmbeddedBroker) -> Settings:
         return Settings(bootstrap_servers=broker.bootstrap, events_topic=self.events,
