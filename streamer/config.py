@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="random seed")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the tensors are "
                                "small; more threads mostly contend with the Kafka client)")
+    # drift monitoring
+    drift_segment_field: str = Field("platform", description="context field whose values are "
+                                     "monitored as segments for drift")
+    drift_warmup: int = Field(2000, ge=0, description="examples per segment before drift "
+                              "alarms count")
     # publishing, outputs, operations
     publish_every: int = Field(5, ge=1, description="publish a model version every N "
                                "meta-updates (and at shutdown)")

@@ -44,6 +44,11 @@ class Metrics:
                             "evicted, late_click, ...)", ["outcome"], registry=r)
         self.watermark = Gauge("metarec_watermark_timestamp_seconds", "Event-time watermark",
                                registry=r)
+        self.drift_alarms = Counter("metarec_drift_alarms", "Drift alarms, by signal "
+                                    "(logloss, click_rate, score, score_psi, item_novelty_psi) "
+                                    "and segment", ["signal", "segment"], registry=r)
+        self.psi = Gauge("metarec_drift_psi", "Latest population stability index against the "
+                         "reference window", ["signal", "segment"], registry=r)
         for reason in REJECT_REASONS:  # export zeros so rate() works from the start
             self.dead.labels(reason)
         self._join_seen: dict[str, int] = {}
@@ -74,6 +79,10 @@ class Metrics:
         self.pending.set(pipeline.joiner.pending)
         if math.isfinite(pipeline.joiner.watermark):
             self.watermark.set(pipeline.joiner.watermark)
+        for event in result.drift:
+            self.drift_alarms.labels(event.signal, event.segment).inc()
+        for (signal, segment), value in pipeline.drift.latest_psi.items():
+            self.psi.labels(signal, segment).set(value)
         for outcome, n in pipeline.joiner.stats.items():
             delta = n - self._join_seen.get(outcome, 0)
             if delta:

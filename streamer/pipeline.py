@@ -15,6 +15,7 @@ from typing import IO
 
 import numpy as np
 
+from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
 from metarec.encoding import encode
 from metarec.evaluation import Prequential
 from metarec.events import Click, Impression, Rejected, decode_event
@@ -65,6 +66,7 @@ class BatchResult:
     predictions: list[Prediction] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     meta: MetaReport | None = None
+    drift: list[DriftEvent] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -76,6 +78,8 @@ class Pipeline:
                              lateness=settings.allowed_lateness_seconds,
                              max_pending=settings.max_pending_impressions)
         self.evaluation = Prequential(keep_all=keep_all)
+        self.drift = DriftMonitor(DriftConfig(segment_field=settings.drift_segment_field,
+                                              warmup=settings.drift_warmup))
         self.dead_letters: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
 
@@ -132,6 +136,11 @@ class Pipeline:
             for lab in batch.learned
         ]
         self._evaluate(result.predictions)
+        field_name = self.drift.config.segment_field
+        for lab, pred in zip(batch.learned, result.predictions, strict=True):
+            segment = lab.impression.context.get(field_name)
+            result.drift += self.drift.update(pred.p, pred.label, pred.timestamp, pred.item_id,
+                                              None if segment is None else str(segment))
         if self.learner.meta_due:
             result.meta = self.learner.meta_update()
         for dead in result.dead_letters:

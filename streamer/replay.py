@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class ReplaySummary:
     seconds: float
     quality: dict[str, Any]
     meta_updates: int
+    drift_alarms: dict[str, int]
 
     @property
     def events_per_second(self) -> float:
@@ -40,6 +42,7 @@ class ReplaySummary:
             f"dead letters {sum(self.dead_letters.values())} {dict(self.dead_letters)}",
             f"prequential AUC {q['auc']:.4f}  logloss {q['logloss']:.4f}  "
             f"(click rate {q['ctr']:.3f})",
+            f"drift alarms by signal: {self.drift_alarms or 'none'}",
             "AUC by k (labels the user had given before the prediction):",
         ]
         for lo, hi in K_BUCKETS:
@@ -77,4 +80,5 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         seconds=time.perf_counter() - t0,
         quality=pipeline.evaluation.summary(),
         meta_updates=pipeline.learner.meta_updates,
+        drift_alarms=dict(Counter(e.signal for e in pipeline.drift.events)),
     )

@@ -205,10 +205,11 @@ class Runner:
         loss, auc = pipeline.evaluation.windowed()
         log.info(
             "records %d | labelled %d | dead letters %d | users %d | pending %d | "
-            "meta-updates %d | model v%s | window logloss %.4f AUC %.4f",
+            "meta-updates %d | model v%s | window logloss %.4f AUC %.4f | drift alarms %d",
             records, pipeline.learner.examples_learned, sum(pipeline.dead_letters.values()),
             len(pipeline.learner.users), pipeline.joiner.pending,
             pipeline.learner.meta_updates, self.version or "-", loss, auc,
+            len(pipeline.drift.events),
         )
 
 

@@ -30,6 +30,11 @@ class SyntheticStream:
     span_seconds: float = 30 * 86400.0
     prelabelled: bool = True  # False: unlabelled impressions plus separate click events
     seed: int = 0
+    # an injected change from this fraction of the stream's events on:
+    # "click_rate" (every logit +1.5), "cluster_flip" (cluster 0's taste reversed),
+    # "new_items" (most impressions show items never seen before)
+    drift: str | None = None
+    drift_at: float = 0.5
 
     def cluster_of_users(self) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
@@ -61,6 +66,8 @@ class SyntheticStream:
             rows.extend(zip(times.tolist(), [u] * n, shown.tolist(), clicked.tolist(),
                             strict=True))
         rows.sort(key=lambda r: r[0])
+        if self.drift is not None:
+            rows = self._drifted(rows, rng, clusters, taste, item_vec, popularity)
         out: list[dict[str, Any]] = []
         for n, (ts, u, item, click) in enumerate(rows):
             event: dict[str, Any] = {
@@ -69,8 +76,10 @@ class SyntheticStream:
                 "user_id": f"u{u}",
                 "item_id": f"i{item}",
                 "timestamp": round(ts, 3),
-                "context": {"platform": ["web", "ios", "android"][n % 3]},
-                "item_features": {"category": f"c{category[item]}"},
+                # region follows the user's cluster, as a country often does
+                "context": {"platform": ["web", "ios", "android"][n % 3],
+                            "region": f"r{clusters[u]}"},
+                "item_features": {"category": f"c{category[item % self.items]}"},
             }
             if self.prelabelled:
                 event["clicked"] = bool(click)
@@ -81,3 +90,24 @@ class SyntheticStream:
             out.append(event)
         out.sort(key=lambda e: e["timestamp"])  # stable: an impression precedes its click
         yield from out
+
+    def _drifted(self, rows: list[tuple[float, int, int, bool]], rng: np.random.Generator,
+                 clusters: np.ndarray, taste: np.ndarray, item_vec: np.ndarray,
+                 popularity: np.ndarray) -> list[tuple[float, int, int, bool]]:
+        """Re-draw the clicks (and items) of the events after the drift point."""
+        start = int(len(rows) * self.drift_at)
+        out = rows[:start]
+        for ts, u, item, _ in rows[start:]:
+            shown, user_taste, shift = item, taste[u], 0.0
+            if self.drift == "click_rate":
+                shift = 1.5
+            elif self.drift == "cluster_flip" and clusters[u] == 0:
+                user_taste = -taste[u]
+            elif self.drift == "new_items" and rng.random() < 0.8:
+                shown = self.items + int(rng.integers(0, 5 * self.items))  # unseen ids
+            elif self.drift not in ("click_rate", "cluster_flip", "new_items"):
+                raise ValueError(f"unknown drift {self.drift!r}")
+            base = shown % self.items  # new items behave like old ones, under new ids
+            logit = popularity[base] + shift + self.taste_scale * item_vec[base] @ user_taste
+            out.append((ts, u, shown, bool(rng.random() < 1 / (1 + np.exp(-logit)))))
+        return out

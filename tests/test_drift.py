@@ -1,0 +1,65 @@
+"""Injected drifts are detected soon after they start; a stationary stream of
+the same length raises no alarm. Synthetic streams, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarec.datasets.synthetic import SyntheticStream
+from metarec.drift import DriftConfig, DriftEvent, DriftMonitor, psi
+from metarec.learner import OnlineLearner
+from streamer.pipeline import Pipeline
+from tests.helpers import records, small_settings
+
+
+def alarms(drift: str | None) -> tuple[list[tuple[int, DriftEvent]], int]:
+    """(event index, alarm) pairs over the stream, and the index where drift starts."""
+    stream = SyntheticStream(users=600, events_per_user=30, seed=21, drift=drift,
+                             drift_at=0.5)
+    region = {e["user_id"]: e["context"]["region"] for e in stream.events()}
+    settings = small_settings()
+    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    monitor = DriftMonitor(DriftConfig(segment_field="region"))
+    recs = records(stream)
+    out, n = [], 0
+    for i in range(0, len(recs), 200):
+        for p in pipeline.process(recs[i:i + 200]).predictions:
+            n += 1
+            out += [(n, e) for e in monitor.update(p.p, p.label, p.timestamp, p.item_id,
+                                                   region[p.user_id])]
+    return out, n // 2
+
+
+def test_a_stationary_stream_raises_no_alarm() -> None:
+    found, _ = alarms(None)
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("drift", "signal", "within"),
+    [
+        ("click_rate", "click_rate", 500),  # seen: 244 events
+        ("cluster_flip", "logloss", 500),  # seen: 103 events (segment region=r0)
+        ("new_items", "item_novelty_psi", 1000),  # seen: 465 events
+    ],
+)
+def test_injected_drift_is_detected_soon_after_it_starts(drift: str, signal: str,
+                                                         within: int) -> None:
+    found, start = alarms(drift)
+    assert [n for n, _ in found if n <= start] == []  # nothing before the change
+    first = next((n, e) for n, e in found if e.signal == signal)
+    assert first[0] - start <= within, first
+    if signal == "logloss":
+        assert first[1].after > first[1].before
+    if drift == "cluster_flip":  # the flipped cluster's own segment fires too
+        assert any(e.segment == "region=r0" and e.signal == "logloss" for _, e in found)
+
+
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=5000)
+    edges = np.concatenate([[-np.inf], np.quantile(ref, np.linspace(0.1, 0.9, 9)), [np.inf]])
+    assert psi(ref, ref, edges) == pytest.approx(0.0, abs=1e-9)
+    small, large = psi(ref, ref + 0.1, edges), psi(ref, ref + 1.0, edges)
+    assert 0 < small < 0.1 < 0.25 < large
