@@ -48,6 +48,11 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
+# settings whose flag is not their name
+FLAG_NAMES = {"replay_from": "--from", "replay_to": "--to", "replay_speed": "--speed",
+              "replay_from_offset": "--from-offset", "replay_to_offset": "--to-offset"}
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag, or METAREC_<NAME> in the environment)")
     for name, field in Settings.model_fields.items():
@@ -58,7 +63,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if kind is not None:
             kwargs["type"] = kind
         kwargs.update(extra)
-        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+        group.add_argument(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="long-lived consumer group member")
     add_settings_flags(run)
     produce = sub.add_parser("produce", help="write a dataset or JSONL file into a topic")
-    produce.add_argument("source", help="movielens-100k or a JSONL file of events")
+    produce.add_argument("source", help="movielens-100k, synthetic, or a .jsonl/.csv/.parquet "
+                         "file of events")
     produce.add_argument("--topic", default=None, help="target topic (default: events topic)")
     add_settings_flags(produce)
     replay = sub.add_parser("replay", help="run the pipeline over a historical log")
-    replay.add_argument("source", help="movielens-100k or a JSONL file of events")
+    replay.add_argument("source", help="movielens-100k, synthetic, a .jsonl/.csv/.parquet "
+                        "file of events, or kafka:TOPIC")
     replay.add_argument("--summary-json", type=Path, default=None,
                         help="also write the summary as JSON to this file")
     add_settings_flags(replay)
+    drift = sub.add_parser("drift", help="drift alarms")
+    drift_sub = drift.add_subparsers(dest="drift_command", required=True)
+    report = drift_sub.add_parser("report", help="summarise drift alarms and plot them")
+    report.add_argument("file", type=Path, help="drift alarms (JSONL from replay --drift-out)")
+    report.add_argument("--png", type=Path, default=None, help="draw them over time here")
     model = sub.add_parser("model", help="model versions on the model topic")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     pull = model_sub.add_parser("pull", help="print (and save) the newest complete version")
@@ -89,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python warns whenever learning holds its I/O loop for 100 ms; not news
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    if args.command == "drift":
+        return cmd_drift_report(args.file, args.png)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = Settings(**overrides)
@@ -206,7 +221,23 @@ def cmd_replay(settings: Settings, source: str, summary_json: Path | None) -> in
         summary_json.write_text(json.dumps(
             {"records": summary.records, "predictions": summary.predictions,
              "seconds": summary.seconds, "events_per_second": summary.events_per_second,
-             "dead_letters": summary.dead_letters, "quality": summary.quality}, indent=2))
+             "dead_letters": summary.dead_letters, "quality": summary.quality,
+             "drift_alarms": summary.drift_alarms, "versions": summary.versions}, indent=2))
+    return 0
+
+
+def cmd_drift_report(path: Path, png: Path | None) -> int:
+    from streamer import drift_report
+
+    if not path.is_file():
+        print(f"metarec: no such file {path}", file=sys.stderr)
+        return 2
+    records = drift_report.load(path)
+    for line in drift_report.summary(records):
+        print(line)
+    if png is not None:
+        drift_report.plot(records, png)
+        print(f"plot written to {png}", file=sys.stderr)
     return 0
 
 

@@ -69,6 +69,22 @@ class Settings(BaseSettings):
                                      "monitored as segments for drift")
     drift_warmup: int = Field(2000, ge=0, description="examples per segment before drift "
                               "alarms count")
+    drift_topic: str = Field("metarec.drift", description="topic of drift alarm records (run)")
+    # replay
+    replay_from: float | None = Field(None, description="replay: first event time (seconds "
+                                      "since the epoch); on a topic also where reading starts")
+    replay_to: float | None = Field(None, description="replay: event time to stop before")
+    replay_from_offset: int | None = Field(None, ge=0, description="replay of a topic: first "
+                                           "offset, in every partition")
+    replay_to_offset: int | None = Field(None, ge=0, description="replay of a topic: offset to "
+                                         "stop before, in every partition")
+    replay_speed: float | None = Field(None, gt=0, description="replay at N x event time "
+                                       "(default: as fast as possible)")
+    model_version: int | None = Field(None, ge=1, description="replay: start from this "
+                                      "version on the model topic (default: fresh)")
+    models_out: str | None = Field(None, description="replay: write model versions to a "
+                                   "directory, or to kafka:TOPIC")
+    drift_out: Path | None = Field(None, description="replay: write drift alarms (JSONL)")
     # publishing, outputs, operations
     publish_every: int = Field(5, ge=1, description="publish a model version every N "
                                "meta-updates (and at shutdown)")

@@ -24,6 +24,7 @@ def ensure_topics(bootstrap: str, settings: Settings) -> None:
         settings.events_topic: settings.partitions,
         settings.dlq_topic: settings.partitions,
         settings.model_topic: 1,
+        settings.drift_topic: 1,
     }
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:

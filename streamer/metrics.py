@@ -42,6 +42,13 @@ class Metrics:
                              registry=r)
         self.join = Counter("metarec_join_outcomes", "Join outcomes (clicked, no_click, "
                             "evicted, late_click, ...)", ["outcome"], registry=r)
+        self.lag = Gauge("metarec_consumer_lag_records", "Records behind the end of the "
+                         "assigned partitions", registry=r)
+        self.published_timestamp = Gauge("metarec_model_published_timestamp_seconds",
+                                         "Wall time of the newest published model version",
+                                         registry=r)
+        self.meta_timestamp = Gauge("metarec_meta_update_timestamp_seconds", "Wall time of the "
+                                    "last meta-update", registry=r)
         self.watermark = Gauge("metarec_watermark_timestamp_seconds", "Event-time watermark",
                                registry=r)
         self.drift_alarms = Counter("metarec_drift_alarms", "Drift alarms, by signal "

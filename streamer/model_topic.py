@@ -113,16 +113,18 @@ class Loaded:
 
 
 class VersionAssembler:
-    """Feed it the model topic in order; it keeps the newest complete version."""
+    """Feed it the model topic in order; it keeps the newest complete version
+    (or only version ``want``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, want: int | None = None) -> None:
+        self.want = want
         self.chunks: dict[int, dict[int, bytes]] = {}
         self.newest: Loaded | None = None
         self.rejected: dict[int, str] = {}
 
     def add(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         version = _version_of(key)
-        if version is None or key is None:
+        if version is None or key is None or (self.want is not None and version != self.want):
             return
         kind = _kind(headers)
         if kind == "chunk":
@@ -155,12 +157,12 @@ class VersionAssembler:
 
 
 def read_versions(bootstrap_servers: str, topic: str, *, settle_ms: int = 1500,
-                  **consumer_args: Any) -> VersionAssembler:
+                  want: int | None = None, **consumer_args: Any) -> VersionAssembler:
     """Read the whole model topic (no consumer group, nothing committed)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                              group_id=None, fetch_max_wait_ms=10,
                              max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, **consumer_args)
-    assembler = VersionAssembler()
+    assembler = VersionAssembler(want)
     try:
         tp = TopicPartition(topic, 0)
         if consumer.partitions_for_topic(topic) is None:

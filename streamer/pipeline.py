@@ -95,6 +95,9 @@ class Pipeline:
             if isinstance(event, Rejected):
                 result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
                 continue
+            if not self._in_range(event.timestamp):
+                result.events["outside_range"] += 1
+                continue
             result.events[event.type] += 1
             batch.learn_all(self.joiner.advance(event.timestamp, rec.partition, now))
             if isinstance(event, Impression):
@@ -114,6 +117,10 @@ class Pipeline:
         batch.learn_all(self.joiner.advance(math.inf))
         self._run(batch, result)
         return result
+
+    def _in_range(self, timestamp: float) -> bool:
+        lo, hi = self.settings.replay_from, self.settings.replay_to
+        return (lo is None or timestamp >= lo) and (hi is None or timestamp < hi)
 
     def _check_clock(self, event: Impression | Click) -> Impression | Click | Rejected:
         # Against the wall clock, not the watermark: a quiet day in the stream must
@@ -177,6 +184,14 @@ class _OpsBuilder:
         self.impressions.append(imp)
         self.kinds.append(kind)
         self.labels.append(label)
+
+
+def drift_json(event: DriftEvent) -> str:
+    """A drift record: what drifted, where, when (event time) and by how much."""
+    return json.dumps({"signal": event.signal, "detector": event.detector,
+                       "segment": event.segment, "timestamp": event.timestamp,
+                       "examples": event.examples, "before": event.before,
+                       "after": event.after, "magnitude": event.magnitude})
 
 
 def write_predictions(out: IO[str], predictions: list[Prediction]) -> None:

@@ -1,9 +1,18 @@
-"""``metarec replay``: the run's pipeline over a historical log, without Kafka,
-as fast as it goes."""
+"""``metarec replay``: the run's pipeline over a historical log.
+
+Sources: a dataset, a JSONL/CSV/Parquet file, or ``kafka:TOPIC`` between two
+timestamps or offsets (read without a consumer group: nothing is committed).
+As fast as it goes, or at ``--speed`` N x event time. Starts from a fresh
+initialisation or from ``--model-version``; writes the prediction log, model
+versions (``--models-out``) and drift alarms (``--drift-out``). The same input,
+configuration and seed give a byte-identical prediction log.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -11,11 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from metarec import snapshot
 from metarec.evaluation import K_BUCKETS, bucket_label
 from metarec.learner import OnlineLearner
+from streamer import kafka_io
 from streamer.config import Settings
-from streamer.pipeline import Pipeline, write_predictions
-from streamer.sources import batched, read_source
+from streamer.model_topic import read_versions
+from streamer.pipeline import Pipeline, drift_json, write_predictions
+from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
+from streamer.sources import SourceError, TopicRange, batched, read_source
 
 log = logging.getLogger("metarec.replay")
 
@@ -29,6 +42,7 @@ class ReplaySummary:
     quality: dict[str, Any]
     meta_updates: int
     drift_alarms: dict[str, int]
+    versions: list[int]
 
     @property
     def events_per_second(self) -> float:
@@ -48,37 +62,146 @@ class ReplaySummary:
         for lo, hi in K_BUCKETS:
             a, n = q["auc_by_k"][bucket_label(lo, hi)]
             out.append(f"  k {bucket_label(lo, hi):>6}: AUC {a:.4f}  (n={n})")
+        if self.versions:
+            out.append(f"model versions written: {self.versions[0]}..{self.versions[-1]}")
         return out
 
 
+def _learner(settings: Settings) -> tuple[OnlineLearner, int | None]:
+    learner = OnlineLearner(settings.learner_config())
+    if settings.model_version is None:
+        return learner, None
+    if settings.bootstrap_servers is None:
+        raise SourceError("--model-version needs --bootstrap-servers (the model topic)")
+    found = read_versions(settings.bootstrap_servers, settings.model_topic,
+                          want=settings.model_version).newest
+    if found is None:
+        raise SourceError(f"model version {settings.model_version} is not on "
+                          f"{settings.model_topic} (complete and intact)")
+    theta = snapshot.loads(found.payload, like=learner.theta)
+    return OnlineLearner(learner.config, theta=theta), found.manifest.version
+
+
+def _sink(settings: Settings, stack: ExitStack) -> ModelSink | None:
+    target = settings.models_out
+    if target is None:
+        return None
+    if not target.startswith("kafka:"):
+        return DirectorySink(Path(target))
+    if settings.bootstrap_servers is None:
+        raise SourceError("--models-out kafka:TOPIC needs --bootstrap-servers")
+    topic = target.removeprefix("kafka:")
+    kafka_io.ensure_topics(settings.bootstrap_servers,
+                           settings.model_copy(update={"model_topic": topic}))
+    prod = kafka_io.producer(settings.bootstrap_servers)
+    stack.callback(prod.close)
+    return TopicSink(prod, topic, settings.model_chunk_bytes)
+
+
+class _Progress:
+    """A progress line on a terminal (rate, ETA), plain log lines elsewhere."""
+
+    def __init__(self, total: int | None, every: float, enabled: bool):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int, pipeline: Pipeline) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < (0.2 if self.tty else self.every):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        loss, auc = pipeline.evaluation.windowed()
+        eta = ""
+        if self.total:
+            eta = f" {100 * done / self.total:5.1f}% ETA {max(self.total - done, 0) / rate:4.0f} s"
+        text = f"records {done}{eta} | {rate:,.0f} events/s | window logloss {loss:.4f} " \
+               f"AUC {auc:.4f}"
+        if self.tty:
+            sys.stderr.write("\r" + text + " " * 4)
+            sys.stderr.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def _total(source: str) -> int | None:
+    if source == "movielens-100k":
+        return 100_000
+    path = Path(source)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if path.is_file():
+        with path.open("rb") as f:
+            return sum(1 for _ in f) - (1 if path.suffix.lower() == ".csv" else 0)
+    return None
+
+
 def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplaySummary:
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()), keep_all=True)
-    records = 0
-    t0 = last = time.perf_counter()
+    s = settings
+    topic_range = TopicRange(
+        from_ms=None if s.replay_from is None else int(s.replay_from * 1000),
+        to_ms=None if s.replay_to is None else int(s.replay_to * 1000),
+        from_offset=s.replay_from_offset, to_offset=s.replay_to_offset)
+    records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
     with ExitStack() as stack:
+        learner, version = _learner(s)
+        pipeline = Pipeline(s, learner, keep_all=True)
+        sink = _sink(s, stack)
+        publisher = Publisher(sink, s.publish_every, version) if sink is not None else None
         out: IO[str] | None = None
-        if settings.predictions_out is not None:
-            out = stack.enter_context(Path(settings.predictions_out).open("w"))
-        for batch in batched(read_source(source), settings.max_batch_records):
+        if s.predictions_out is not None:
+            out = stack.enter_context(Path(s.predictions_out).open("w"))
+        drift_out: IO[str] | None = None
+        if s.drift_out is not None:
+            drift_out = stack.enter_context(Path(s.drift_out).open("w"))
+        bar = _Progress(_total(source), s.log_every_seconds, progress)
+        done, first_ts = 0, math.nan
+        t0 = time.perf_counter()
+        for batch in batched(records, s.max_batch_records):
             result = pipeline.process(batch)
-            records += len(batch)
+            done += len(batch)
             if out is not None:
                 write_predictions(out, result.predictions)
-            now = time.perf_counter()
-            if progress and now - last >= settings.log_every_seconds:
-                loss, auc = pipeline.evaluation.windowed()
-                log.info("records %d (%.0f/s) | window logloss %.4f AUC %.4f", records,
-                         records / (now - t0), loss, auc)
-                last = now
+            if drift_out is not None:
+                drift_out.writelines(drift_json(e) + "\n" for e in result.drift)
+            if publisher is not None and result.meta is not None:
+                publisher.after_meta_update(learner)
+            if s.replay_speed is not None:
+                first_ts = _pace(pipeline, s.replay_speed, t0, first_ts)
+            bar.update(done, pipeline)
         final = pipeline.finish()
+        bar.close()
         if out is not None:
             write_predictions(out, final.predictions)
+        if publisher is not None:
+            publisher.finish(learner)
     return ReplaySummary(
-        records=records,
+        records=done,
         predictions=pipeline.evaluation.count,
         dead_letters=dict(pipeline.dead_letters),
         seconds=time.perf_counter() - t0,
         quality=pipeline.evaluation.summary(),
-        meta_updates=pipeline.learner.meta_updates,
+        meta_updates=learner.meta_updates,
         drift_alarms=dict(Counter(e.signal for e in pipeline.drift.events)),
+        versions=publisher.published if publisher is not None else [],
     )
+
+
+def _pace(pipeline: Pipeline, speed: float, t0: float, first_ts: float) -> float:
+    """Sleep until wall time catches up with event time / speed."""
+    newest = pipeline.joiner.watermark + pipeline.joiner.lateness
+    if not math.isfinite(newest):
+        return first_ts
+    if math.isnan(first_ts):
+        return newest
+    ahead = (newest - first_ts) / speed - (time.perf_counter() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+    return first_ts

@@ -28,10 +28,11 @@ from kafka.structs import OffsetAndMetadata
 from metarec import snapshot
 from metarec.learner import OnlineLearner
 from streamer import kafka_io
-from streamer.config import Settings, config_hash
+from streamer.config import Settings
 from streamer.metrics import Metrics
-from streamer.model_topic import Manifest, publish, read_versions
-from streamer.pipeline import BatchResult, Pipeline, Record, write_predictions
+from streamer.model_topic import Manifest, read_versions
+from streamer.pipeline import BatchResult, Pipeline, Record, drift_json, write_predictions
+from streamer.publishing import Publisher, TopicSink
 
 log = logging.getLogger("metarec.run")
 
@@ -51,10 +52,7 @@ class Runner:
         self.bootstrap = bootstrap
         self.metrics = metrics or Metrics()
         self.stopping = False
-        self.version: int | None = None
-        self.published: list[int] = []
-        self._metas_since_publish = 0
-        self._learned_at_publish = 0
+        self.version: int | None = None  # newest version on the model topic at start
         self._positions: dict[TopicPartition, int] = {}
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
@@ -100,21 +98,22 @@ class Runner:
             cons = kafka_io.consumer(self.bootstrap, s)
             stack.callback(cons.close)
             cons.subscribe([s.events_topic], listener=_Rebalance(self))
+            self.publisher = Publisher(TopicSink(prod, s.model_topic, s.model_chunk_bytes),
+                                       s.publish_every, self.version)
             out: IO[str] | None = None
             if s.predictions_out is not None:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
             self._loop(cons, prod, pipeline, out)
             # drained: publish what was learned since the last version, then commit
-            if pipeline.learner.examples_learned > self._learned_at_publish:
-                self._publish(prod, pipeline)
+            self._published(self.publisher.finish(pipeline.learner))
             prod.flush()
             self._commit(cons, pipeline)
         return RunSummary(
             records=sum(pipeline.events.values()) + sum(pipeline.dead_letters.values()),
             labelled=pipeline.learner.examples_learned,
             dead_letters=sum(pipeline.dead_letters.values()),
-            versions_published=self.published,
-            newest_version=self.version,
+            versions_published=self.publisher.published,
+            newest_version=self.publisher.version,
         )
 
     def _loop(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
@@ -155,12 +154,14 @@ class Runner:
     def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
                      result: BatchResult, out: IO[str] | None) -> None:
         dead = kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
+        for event in result.drift:
+            prod.send(self.settings.drift_topic, key=event.segment.encode(),
+                      value=drift_json(event).encode())
         if out is not None:
             write_predictions(out, result.predictions)
         if result.meta is not None:
-            self._metas_since_publish += 1
-            if self._metas_since_publish >= self.settings.publish_every:
-                self._publish(prod, pipeline)
+            self.metrics.meta_timestamp.set_to_current_time()
+            self._published(self.publisher.after_meta_update(pipeline.learner))
         self.metrics.observe(result, pipeline)
         prod.flush()
         for fut in dead:
@@ -169,24 +170,11 @@ class Runner:
             fut.get(timeout=30)
         self._commit(cons, pipeline)
 
-    def _publish(self, prod: KafkaProducer, pipeline: Pipeline) -> Manifest:
-        learner = pipeline.learner
-        version = (self.version or 0) + 1
-        manifest = publish(
-            prod, self.settings.model_topic, snapshot.dumps(learner.theta), version=version,
-            parent=self.version, algorithm=learner.config.meta.algorithm.value,
-            config_hash=config_hash(learner.config), examples_learned=learner.examples_learned,
-            chunk_bytes=self.settings.model_chunk_bytes,
-        )
-        self.version = version
-        self.published.append(version)
-        self._metas_since_publish = 0
-        self._learned_at_publish = learner.examples_learned
-        self.metrics.model_version.set(version)
-        self.metrics.published.inc()
-        log.info("published model version %d (%d bytes in %d chunk(s))", version,
-                 manifest.size, len(manifest.chunks))
-        return manifest
+    def _published(self, manifest: Manifest | None) -> None:
+        if manifest is not None:
+            self.metrics.model_version.set(manifest.version)
+            self.metrics.published.inc()
+            self.metrics.published_timestamp.set(manifest.created_at)
 
     def _commit(self, cons: KafkaConsumer, pipeline: Pipeline) -> None:
         pending = pipeline.joiner.oldest_offsets()
@@ -201,14 +189,29 @@ class Runner:
         except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
             log.warning("offset commit failed, will retry with the next batch: %s", exc)
 
+    def _lag(self, cons: KafkaConsumer) -> int | None:
+        """Records behind the end of the assigned partitions (brokers may under-report
+        the newest batch, so this can read a little low)."""
+        tps = list(cons.assignment())
+        if not tps:
+            return None
+        try:
+            end = cons.end_offsets(tps)
+        except KafkaError:
+            return None
+        return sum(max(0, end[tp] - cons.position(tp)) for tp in tps)
+
     def _log_progress(self, pipeline: Pipeline, records: int, cons: KafkaConsumer) -> None:
+        lag = self._lag(cons)
+        if lag is not None:
+            self.metrics.lag.set(lag)
         loss, auc = pipeline.evaluation.windowed()
         log.info(
-            "records %d | labelled %d | dead letters %d | users %d | pending %d | "
+            "records %d | lag %s | labelled %d | dead letters %d | users %d | pending %d | "
             "meta-updates %d | model v%s | window logloss %.4f AUC %.4f | drift alarms %d",
-            records, pipeline.learner.examples_learned, sum(pipeline.dead_letters.values()),
+            records, lag, pipeline.learner.examples_learned, sum(pipeline.dead_letters.values()),
             len(pipeline.learner.users), pipeline.joiner.pending,
-            pipeline.learner.meta_updates, self.version or "-", loss, auc,
+            pipeline.learner.meta_updates, self.publisher.version or "-", loss, auc,
             len(pipeline.drift.events),
         )
 

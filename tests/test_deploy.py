@@ -1,0 +1,126 @@
+"""deploy/: alert rules pass promtool's tests, the dashboard asks only for
+metrics metarec exports, and a real Prometheus scrapes a running `metarec run`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metarec.datasets.synthetic import SyntheticStream
+from streamer import kafka_io
+from streamer.config import Settings
+from streamer.embedded import EmbeddedBroker, free_port
+from streamer.metrics import Metrics
+from tests.test_kafka_integration import Topics, metarec, produce
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (./dev test installs Debian's prometheus package)"
+    return path
+
+
+def test_alert_rules_pass_promtool_unit_tests() -> None:
+    done = subprocess.run([tool("promtool"), "test", "rules", "alerts_test.yml"],
+                          cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = subprocess.run([tool("promtool"), "check", "config", "prometheus.yml"],
+                            cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+                            timeout=60)
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def exported_names() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+        names.add(family.name)
+        if family.type == "counter":  # labelled ones have no sample until first use
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update({family.name + s for s in ("_bucket", "_sum", "_count")})
+    return names
+
+
+def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "metarec.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += re.findall(r"expr: (.*)", (DEPLOY / "prometheus" / "alerts.yml").read_text())
+    used = {m for e in exprs for m in re.findall(r"\b(metarec_[a-z_]+)", e)}
+    assert used, "no metric referenced"
+    missing = used - exported_names()
+    assert not missing, missing
+
+
+def query(port: int, promql: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success"
+    return list(body["data"]["result"])
+
+
+def wait_for(port: int, promql: str, seconds: float = 90) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            found = query(port, promql)
+        except OSError:
+            found = []
+        if found:
+            return found
+        time.sleep(1)
+    return []
+
+
+@pytest.mark.integration
+def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    topics = Topics()
+    kafka_io.ensure_topics(broker.bootstrap, Settings(bootstrap_servers=broker.bootstrap,
+                                                      events_topic=topics.events,
+                                                      model_topic=topics.model,
+                                                      dlq_topic=topics.dlq, partitions=3))
+    produce(broker, topics.events,
+            list(SyntheticStream(users=150, events_per_user=20, seed=31).events()),
+            [(b"garbage", "not_json")])
+    metrics_port, prom_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: metarec\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
+    run = subprocess.Popen(metarec("run", *topics.flags(broker), "--metrics-port",
+                                   str(metrics_port)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prom = subprocess.Popen(
+        [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        found = wait_for(prom_port, 'metarec_events_total{type="impression"} > 0')
+        assert found, "Prometheus never saw metarec_events_total"
+        assert found[0]["metric"]["job"] == "metarec"
+        assert float(found[0]["value"][1]) > 0
+        assert query(prom_port, 'up{job="metarec"} == 1')
+        # the malformed record sits mid-stream: its count arrives with a later scrape
+        assert wait_for(prom_port, 'metarec_dead_letters_total{reason="not_json"} == 1')
+    finally:
+        prom.terminate()
+        run.send_signal(signal.SIGTERM)
+        prom.wait(30)
+        _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr[-2000:]
+
