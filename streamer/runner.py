@@ -155,6 +155,8 @@ class Runner:
                      result: BatchResult, out: IO[str] | None) -> None:
         dead = kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
         for event in result.drift:
+            log.info("drift: %s (%s) in %s at event time %.0f: %.4f -> %.4f", event.signal,
+                     event.detector, event.segment, event.timestamp, event.before, event.after)
             prod.send(self.settings.drift_topic, key=event.segment.encode(),
                       value=drift_json(event).encode())
         if out is not None:

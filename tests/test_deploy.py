@@ -18,10 +18,9 @@ import pytest
 
 from metarec.datasets.synthetic import SyntheticStream
 from streamer import kafka_io
-from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker, free_port
 from streamer.metrics import Metrics
-from tests.test_kafka_integration import Topics, metarec, produce
+from tests.test_kafka_integration import Topics, metarec, produce, read_all
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -89,12 +88,11 @@ def wait_for(port: int, promql: str, seconds: float = 90) -> list[dict[str, Any]
 @pytest.mark.integration
 def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, Settings(bootstrap_servers=broker.bootstrap,
-                                                      events_topic=topics.events,
-                                                      model_topic=topics.model,
-                                                      dlq_topic=topics.dlq, partitions=3))
+    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker))
+    # a click-rate jump half-way: the alarm must reach Prometheus and the drift topic
     produce(broker, topics.events,
-            list(SyntheticStream(users=150, events_per_user=20, seed=31).events()),
+            list(SyntheticStream(users=600, events_per_user=30, seed=21,
+                                 drift="click_rate").events()),
             [(b"garbage", "not_json")])
     metrics_port, prom_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(
@@ -102,7 +100,7 @@ def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path:
         "scrape_configs:\n"
         f"  - job_name: metarec\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
     run = subprocess.Popen(metarec("run", *topics.flags(broker), "--metrics-port",
-                                   str(metrics_port)),
+                                   str(metrics_port), "--drift-segment-field", "region"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     prom = subprocess.Popen(
         [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -117,10 +115,15 @@ def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path:
         assert query(prom_port, 'up{job="metarec"} == 1')
         # the malformed record sits mid-stream: its count arrives with a later scrape
         assert wait_for(prom_port, 'metarec_dead_letters_total{reason="not_json"} == 1')
+        assert wait_for(prom_port, 'metarec_drift_alarms_total{signal="click_rate"} > 0')
     finally:
         prom.terminate()
         run.send_signal(signal.SIGTERM)
         prom.wait(30)
         _, stderr = run.communicate(timeout=60)
     assert run.returncode == 0, stderr[-2000:]
+    assert "drift: click_rate" in stderr
+    drift = [json.loads(m.value) for m in read_all(broker, topics.drift, 1)]
+    assert any(d["signal"] == "click_rate" and d["segment"] == "all" for d in drift)
+    assert all({"timestamp", "before", "after", "magnitude"} <= set(d) for d in drift)
 

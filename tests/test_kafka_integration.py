@@ -41,11 +41,13 @@ class Topics:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:8]
         self.events, self.model, self.dlq = f"ev-{tag}", f"model-{tag}", f"dlq-{tag}"
+        self.drift = f"drift-{tag}"
         self.group = f"group-{tag}"
 
     def flags(self, broker: EmbeddedBroker) -> list[str]:
         return ["--bootstrap-servers", broker.bootstrap, "--events-topic", self.events,
                 "--model-topic", self.model, "--dlq-topic", self.dlq, "--group-id", self.group,
+                "--drift-topic", self.drift,
                 "--partitions", "3", "--item-buckets", "16384", "--feature-buckets", "1024",
                 "--meta-every", "400", "--meta-users", "64", "--publish-every", "2",
                 "--max-batch-records", "300", "--log-every-seconds", "1",
@@ -55,7 +57,7 @@ class Topics:
     def settings(self, broker: EmbeddedBroker) -> Settings:
         return Settings(bootstrap_servers=broker.bootstrap, events_topic=self.events,
                         model_topic=self.model, dlq_topic=self.dlq, group_id=self.group,
-                        partitions=3)
+                        drift_topic=self.drift, partitions=3)
 
 
 def metarec(*args: str) -> list[str]:

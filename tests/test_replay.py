@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from streamer.cli import main
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker
 from streamer.model_topic import read_versions
+from streamer.replay import replay as replay_fn
 from tests.test_kafka_integration import Topics, committed, produce
 
 EVENTS = list(SyntheticStream(users=60, events_per_user=12, seed=41).events())
@@ -131,3 +133,36 @@ def test_drift_alarms_are_written_and_reported(tmp_path: Path,
     assert main(["drift", "report", str(alarms), "--png", str(png)]) == 0
     assert "click_rate" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def paced_events(tmp_path: Path) -> Path:
+    """200 labelled impressions spread over 20 s of event time."""
+    path = tmp_path / "paced.jsonl"
+    path.write_text("".join(json.dumps(
+        {"type": "impression", "impression_id": f"p{i}", "user_id": f"u{i % 7}",
+         "item_id": f"i{i % 13}", "timestamp": 1_700_000_000 + i * 0.1, "clicked": i % 3 == 0})
+        + "\n" for i in range(200)))
+    return path
+
+
+def test_speed_paces_the_replay_by_event_time(tmp_path: Path) -> None:
+    src = paced_events(tmp_path)
+    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=50,
+                        metrics_port=0)
+    fast = replay_fn(settings, str(src), progress=False)
+    # pacing starts after the first micro-batch (event time 4.9 s): 15 s at 10x is 1.5 s
+    slow = replay_fn(settings.model_copy(update={"replay_speed": 10.0}), str(src),
+                     progress=False)
+    assert fast.seconds < 1.0 <= 1.4 <= slow.seconds < 5.0
+    assert slow.predictions == fast.predictions == 200
+
+
+def test_progress_is_logged_when_not_on_a_terminal(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    src = paced_events(tmp_path)
+    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=20,
+                        metrics_port=0, log_every_seconds=1e-6)
+    with caplog.at_level(logging.INFO, logger="metarec.replay"):
+        replay_fn(settings, str(src))
+    lines = [r.getMessage() for r in caplog.records if r.name == "metarec.replay"]
+    assert any("events/s" in line and "ETA" in line for line in lines)
