@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     drift_topic: str = Field("metarec.drift", description="topic of drift alarm records (run)")
     # replay
     replay_from: float | None = Field(None, description="replay: first event time (seconds "
-                                      "since the epoch); on a topic also where reading starts")
+                                      "since the epoch); on a topic also where reading starts "
+                                      "(by record timestamp)")
     replay_to: float | None = Field(None, description="replay: event time to stop before")
     replay_from_offset: int | None = Field(None, ge=0, description="replay of a topic: first "
                                            "offset, in every partition")

@@ -147,7 +147,6 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
     s = settings
     topic_range = TopicRange(
         from_ms=None if s.replay_from is None else int(s.replay_from * 1000),
-        to_ms=None if s.replay_to is None else int(s.replay_to * 1000),
         from_offset=s.replay_from_offset, to_offset=s.replay_to_offset)
     records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
     with ExitStack() as stack:

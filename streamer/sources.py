@@ -33,10 +33,13 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class TopicRange:
-    """Which part of a topic a replay reads: broker timestamps (ms) or offsets."""
+    """Which part of a topic a replay reads. ``from_ms`` seeks by record timestamp:
+    a record is written no earlier than its event happened, so nothing in range
+    is skipped. There is no ``to_ms``: an event inside the range may be written
+    after its end, so the end is found by reading (the pipeline filters by event
+    time) or given as an offset."""
 
     from_ms: int | None = None
-    to_ms: int | None = None
     from_offset: int | None = None
     to_offset: int | None = None
 
@@ -141,12 +144,8 @@ def read_topic(bootstrap: str, topic: str, rng: TopicRange, *,
         elif rng.from_ms is not None:
             found = cons.offsets_for_times(dict.fromkeys(tps, rng.from_ms))
             start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
-        stop: dict[Any, int | None] = dict.fromkeys(tps, None)  # None: up to the end
-        if rng.to_offset is not None:
-            stop = dict.fromkeys(tps, rng.to_offset)
-        elif rng.to_ms is not None:
-            found = cons.offsets_for_times(dict.fromkeys(tps, rng.to_ms))
-            stop = {tp: (found[tp].offset if found[tp] else None) for tp in tps}
+        # None: up to the end
+        stop: dict[Any, int | None] = dict.fromkeys(tps, rng.to_offset)
         for tp in tps:
             cons.seek(tp, start[tp])
         quiet_since = time.monotonic()

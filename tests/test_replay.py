@@ -91,6 +91,11 @@ def test_a_topic_replays_like_the_file_and_commits_nothing(broker: EmbeddedBroke
     part = replay(tmp_path, f"kafka:{topics.events}", "part", *boot,
                   "--from-offset", "100", "--to-offset", "300")
     assert part.count(b"\n") == 200
+    times = sorted(e["timestamp"] for e in EVENTS)
+    window = ["--from", str(times[200]), "--to", str(times[500])]
+    in_time = replay(tmp_path, f"kafka:{topics.events}", "topic-time", *boot, *window)
+    assert in_time == replay(tmp_path, src, "file-time", *window)
+    assert in_time.count(b"\n") == 300
 
 
 @pytest.mark.integration
