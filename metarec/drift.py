@@ -110,8 +110,11 @@ class _Segment:
     ph_score: drift.PageHinkley = field(init=False)
     psi_score: _PSI = field(init=False)
     psi_novelty: _PSI = field(init=False)
-    ctr_mean: float = 0.0
-    score_mean: float = 0.0
+    # slow (~2,000 examples) and fast (~200) moving averages: "from what to what"
+    ctr_slow: float = 0.0
+    ctr_fast: float = 0.0
+    score_slow: float = 0.0
+    score_fast: float = 0.0
 
     def __post_init__(self) -> None:
         c = self.config
@@ -166,17 +169,17 @@ class DriftMonitor:
         seg.adwin.update(loss)
         if seg.adwin.drift_detected and seg.adwin.estimation > before:
             fire("logloss", "adwin", before, seg.adwin.estimation)
-        # running means to say "from what to what" for Page-Hinkley alarms
-        rate = 1 / min(seg.n, 500)
-        prev_ctr, prev_score = seg.ctr_mean, seg.score_mean
-        seg.ctr_mean += rate * (label - seg.ctr_mean)
-        seg.score_mean += rate * (p - seg.score_mean)
+        slow, fast = 1 / min(seg.n, 2000), 1 / min(seg.n, 200)
+        seg.ctr_slow += slow * (label - seg.ctr_slow)
+        seg.ctr_fast += fast * (label - seg.ctr_fast)
+        seg.score_slow += slow * (p - seg.score_slow)
+        seg.score_fast += fast * (p - seg.score_fast)
         seg.ph_ctr.update(label)
         if seg.ph_ctr.drift_detected:
-            fire("click_rate", "page_hinkley", prev_ctr, seg.ctr_mean)
+            fire("click_rate", "page_hinkley", seg.ctr_slow, seg.ctr_fast)
         seg.ph_score.update(p)
         if seg.ph_score.drift_detected:
-            fire("score", "page_hinkley", prev_score, seg.score_mean)
+            fire("score", "page_hinkley", seg.score_slow, seg.score_fast)
         for signal, tracker, x in (("score_psi", seg.psi_score, p),
                                    ("item_novelty_psi", seg.psi_novelty, novelty)):
             if not armed:  # the reference window is the first one after the warm-up
