@@ -43,7 +43,6 @@ class RunSummary:
     labelled: int
     dead_letters: int
     versions_published: list[int]
-    newest_version: int | None
 
 
 class Runner:
@@ -113,7 +112,6 @@ class Runner:
             labelled=pipeline.learner.examples_learned,
             dead_letters=sum(pipeline.dead_letters.values()),
             versions_published=self.publisher.published,
-            newest_version=self.publisher.version,
         )
 
     def _loop(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
