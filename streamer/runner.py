@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import signal
 import time
 from contextlib import ExitStack
@@ -53,6 +54,7 @@ class Runner:
         self.stopping = False
         self.version: int | None = None  # newest version on the model topic at start
         self._positions: dict[TopicPartition, int] = {}
+        self._drift_logged: dict[tuple[str, str], float] = {}
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         if not self.stopping:
@@ -152,9 +154,16 @@ class Runner:
     def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
                      result: BatchResult, out: IO[str] | None) -> None:
         dead = kafka_io.send_dead_letters(prod, self.settings.dlq_topic, result.dead_letters)
+        now = time.monotonic()
         for event in result.drift:
-            log.info("drift: %s (%s) in %s at event time %.0f: %.4f -> %.4f", event.signal,
-                     event.detector, event.segment, event.timestamp, event.before, event.after)
+            # every alarm goes to the drift topic and the metrics; the log gets at most
+            # one line per signal and segment per log interval (the progress line counts all)
+            key = (event.signal, event.segment)
+            if now - self._drift_logged.get(key, -math.inf) >= self.settings.log_every_seconds:
+                self._drift_logged[key] = now
+                log.info("drift: %s (%s) in %s at event time %.0f: %.4f -> %.4f", event.signal,
+                         event.detector, event.segment, event.timestamp, event.before,
+                         event.after)
             prod.send(self.settings.drift_topic, key=event.segment.encode(),
                       value=drift_json(event).encode())
         if out is not None:
