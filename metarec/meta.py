@@ -14,7 +14,16 @@ from enum import StrEnum
 import torch
 from pydantic import BaseModel, Field
 
-from metarec.model import Examples, ModelConfig, Theta, adapt, bce, logit, represent
+from metarec.model import (
+    Examples,
+    ModelConfig,
+    Theta,
+    adapt,
+    adapt_represented,
+    bce,
+    logit,
+    represent,
+)
 
 
 class Algorithm(StrEnum):
@@ -66,9 +75,9 @@ def meta_loss(
     support, query = split_masks(mask)
     n = y.shape[0]
     phi = theta["phi0"].expand(n, -1)
-    adapted = adapt(theta, phi, tasks, y, support, config,
-                    first_order=algorithm is Algorithm.FOMAML)
-    q, base = represent(theta, tasks)
+    q, base = represent(theta, tasks)  # once: support and query share the examples
+    adapted = adapt_represented(theta, phi, q, base, y, support, config,
+                                first_order=algorithm is Algorithm.FOMAML)
     return bce(logit(adapted.unsqueeze(-2), q, base), y, query)
 
 

@@ -139,13 +139,11 @@ def adapt(
     mask: torch.Tensor,
     config: ModelConfig,
     *,
-    steps: int | None = None,
     first_order: bool = False,
 ) -> torch.Tensor:
-    """``steps`` inner steps from ``phi`` on each user's task (n x R examples)."""
+    """``config.inner_steps`` steps from ``phi`` on each user's task (n x R examples)."""
     q, base = represent(theta, task)
-    return adapt_represented(theta, phi, q, base, y, mask, config, steps=steps,
-                             first_order=first_order)
+    return adapt_represented(theta, phi, q, base, y, mask, config, first_order=first_order)
 
 
 def adapt_represented(
@@ -157,12 +155,11 @@ def adapt_represented(
     mask: torch.Tensor,
     config: ModelConfig,
     *,
-    steps: int | None = None,
     first_order: bool = False,
 ) -> torch.Tensor:
     """:func:`adapt` on tasks already passed through :func:`represent`."""
     lr = theta["log_inner_lr"].exp()
-    for _ in range(config.inner_steps if steps is None else steps):
+    for _ in range(config.inner_steps):
         phi = inner_step(
             phi, q, base, y, mask, lr, theta["phi0"], config.inner_l2, first_order=first_order
         )

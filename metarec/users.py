@@ -18,8 +18,7 @@ class UserStore:
     def __init__(self, phi_dim: int, ring: int, item_slots: int, user_slots: int,
                  context_slots: int):
         self.ring = ring
-        self.rows: dict[str, int] = {}
-        self.ids: list[str] = []
+        self.rows: dict[str, int] = {}  # user id -> row, in order of arrival
         cap = 1024
         self.phi = torch.zeros(cap, phi_dim)
         self.learned = np.zeros(cap, dtype=np.int64)
@@ -31,7 +30,7 @@ class UserStore:
         self.ring_label = np.zeros((cap, ring), dtype=np.float32)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.rows)
 
     def _grow(self, need: int) -> None:
         cap = self.phi.shape[0]
@@ -53,12 +52,11 @@ class UserStore:
         for i, uid in enumerate(user_ids):
             row = self.rows.get(uid)
             if row is None:
-                row = self.rows[uid] = len(self.ids)
-                self.ids.append(uid)
+                row = self.rows[uid] = len(self.rows)
                 fresh.append(row)
             out[i] = row
         if fresh:
-            self._grow(len(self.ids))
+            self._grow(len(self.rows))
             self.phi[fresh] = phi0
         return out
 

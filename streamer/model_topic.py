@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -157,11 +156,11 @@ class VersionAssembler:
 
 
 def read_versions(bootstrap_servers: str, topic: str, *, settle_ms: int = 1500,
-                  want: int | None = None, **consumer_args: Any) -> VersionAssembler:
+                  want: int | None = None) -> VersionAssembler:
     """Read the whole model topic (no consumer group, nothing committed)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                              group_id=None, fetch_max_wait_ms=10,
-                             max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES, **consumer_args)
+                             max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
     assembler = VersionAssembler(want)
     try:
         tp = TopicPartition(topic, 0)

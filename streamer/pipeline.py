@@ -87,11 +87,11 @@ class Pipeline:
         t0 = time.perf_counter()
         result = BatchResult(records=len(records))
         batch = _OpsBuilder()
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for rec in records:
             event = decode_event(rec.value, max_bytes=self.settings.max_record_bytes)
             if not isinstance(event, Rejected):
-                event = self._check_clock(event)
+                event = self._check_clock(event, wall)
             if isinstance(event, Rejected):
                 result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
                 continue
@@ -122,10 +122,11 @@ class Pipeline:
         lo, hi = self.settings.replay_from, self.settings.replay_to
         return (lo is None or timestamp >= lo) and (hi is None or timestamp < hi)
 
-    def _check_clock(self, event: Impression | Click) -> Impression | Click | Rejected:
+    def _check_clock(self, event: Impression | Click,
+                     wall: float) -> Impression | Click | Rejected:
         # Against the wall clock, not the watermark: a quiet day in the stream must
         # not make every later event look like it came from the future.
-        ahead = event.timestamp - time.time()
+        ahead = event.timestamp - wall
         if ahead > self.settings.max_future_skew_seconds:
             return Rejected("bad_timestamp", f"{ahead:.0f} s ahead of the wall clock")
         return event
