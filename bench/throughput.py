@@ -1,106 +1,368 @@
-"""Throughput on MovieLens-100K: metarec's replay against the online learners
-users would pick instead, on the same events, in one run.
+"""Throughput, latency and memory of metarec, against the alternatives, in one run.
 
     .venv/bin/pip install -e ".[bench]"      # vowpalwabbit (bench-only)
-    .venv/bin/python bench/throughput.py --repeats 3
+    .venv/bin/python -m bench.throughput --repeats 3
 
-Each learner predicts every event before learning from it (test-then-train), so
-its AUC is comparable. Reported: median events/s over the repeats (min-max), the
-ratio to Vowpal Wabbit measured in the same run, and prequential AUC.
+Sections (``--only`` picks some):
+
+- ``replay``: ``metarec replay movielens-100k`` end to end (default configuration)
+  against Vowpal Wabbit and river learn-and-predict loops over the same events.
+  Every learner predicts each event before learning from it, so AUCs compare.
+- ``kafka``: ``metarec run`` draining a topic that holds the same events on the
+  embedded broker, against a bare kafka-python consumer that only polls and
+  decodes the JSON of the same topic (the ceiling of the Kafka path).
+- ``users``: a synthetic stream over 1,000,000 users through the learner:
+  resident memory, and bytes of per-user state.
+- ``latency``: ``metarec run`` fed 5,000 events/s for 60 s; from each record's
+  broker append time to the end of the micro-batch that learned from it (the
+  ``metarec_event_to_update_seconds`` histogram, quantiles as Prometheus'
+  ``histogram_quantile`` computes them).
+- ``meta``: one meta-update over 256 users' tasks, per algorithm.
+
+Speeds are medians over the repeats (min-max); ratios are to a baseline measured
+in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench import baselines
 from metarec.datasets import movielens
+from metarec.datasets.synthetic import SyntheticStream
 from metarec.evaluation import auc
+from metarec.learner import LEARN, PREDICT, OnlineLearner, Ops
+from metarec.meta import Algorithm
+from streamer import kafka_io
 from streamer.config import Settings
+from streamer.embedded import EmbeddedBroker, free_port
+from streamer.pipeline import Pipeline
 from streamer.replay import replay
+from streamer.runner import Runner
+from streamer.sources import read_source
+
+Event = dict[str, Any]
 
 
-def metarec_replay(_: list[dict[str, Any]]) -> tuple[float, float]:
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))} - " \
+           f"{fmt.format(max(values))})"
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+def metarec_replay(_: list[Event]) -> tuple[float, float]:
     """End to end: JSON records, validation, joining, learning (default config)."""
     summary = replay(Settings(metrics_port=0), "movielens-100k", progress=False)
     return summary.events_per_second, float(summary.quality["auc"])
 
 
-def _tokens(event: dict[str, Any]) -> tuple[list[str], list[str]]:
-    u = [f"user={event['user_id']}"] + [f"{k}={v}" for k, v in event["user_features"].items()]
-    i = [f"item={event['item_id']}"]
-    for k, v in event["item_features"].items():
-        i += [f"{k}={x}" for x in v] if isinstance(v, list) else [f"{k}={v}"]
-    return u, i
+def timed(fn: Callable[[list[Event]], np.ndarray]) -> Callable[[list[Event]], tuple[float, float]]:
+    def run(events: list[Event]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        p = fn(events)
+        return len(events) / (time.perf_counter() - t0), auc(p, baselines.labels(events))
+    return run
 
 
-def vowpal_wabbit(events: list[dict[str, Any]]) -> tuple[float, float]:
-    """Logistic loss, user x item interactions (-q ui), adaptive normalised SGD."""
-    import vowpalwabbit
+def bench_replay(events: list[Event], repeats: int) -> list[str]:
+    vw_name = "Vowpal Wabbit (-q ui, logistic)"
+    runs = {"metarec replay (default config)": metarec_replay,
+            vw_name: timed(baselines.vowpal_wabbit),
+            "river LogisticRegression": timed(baselines.river_logistic)}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so drift in machine load hits all alike
+        for name, fn in runs.items():
+            results[name].append(fn(events))
+    vw = statistics.median(r[0] for r in results[vw_name])
+    lines = [f"### File replay: MovieLens-100K, {len(events):,} events", "",
+             "| learner | events/s, median (min - max) | vs VW | prequential AUC |",
+             "|---|---:|---:|---:|"]
+    for name, rs in results.items():
+        rates = [r[0] for r in rs]
+        lines.append(f"| {name} | {spread(rates)} | {statistics.median(rates) / vw:.2f}x | "
+                     f"{statistics.median(r[1] for r in rs):.4f} |")
+    return lines
 
-    vw = vowpalwabbit.Workspace("--loss_function logistic --link logistic -q ui -b 22 "
-                                "-l 0.5 --quiet")
-    p = np.empty(len(events))
+
+# -- Kafka path --------------------------------------------------------------------------
+
+
+def bare_consumer(bootstrap: str, topic: str, total: int) -> float:
+    """Poll and decode every record of ``topic`` from the beginning; events/s."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                         enable_auto_commit=False, max_partition_fetch_bytes=4 << 20)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(cons.partitions_for_topic(topic))]
+        cons.assign(parts)
+        cons.seek_to_beginning(*parts)
+        seen, t0 = 0, None
+        while seen < total:
+            for msgs in cons.poll(timeout_ms=500, max_records=1000).values():
+                t0 = t0 or time.perf_counter()
+                for m in msgs:
+                    json.loads(m.value)
+                seen += len(msgs)
+        assert t0 is not None
+        return total / (time.perf_counter() - t0)
+    finally:
+        cons.close()
+
+
+def metarec_run(bootstrap: str, topic: str, repeat: int) -> float:
+    """``metarec run`` (a fresh consumer group) drains the topic; events/s while busy."""
+    settings = Settings(bootstrap_servers=bootstrap, events_topic=topic, metrics_port=0,
+                        group_id=f"bench-{repeat}", model_topic=f"bench.model.{repeat}",
+                        dlq_topic="bench.dlq", drift_topic="bench.drift",
+                        idle_exit_seconds=3.0, demo_source=None)
+    summary = Runner(settings, bootstrap).run()
+    return summary.records / summary.busy_seconds
+
+
+def bench_kafka(repeats: int) -> list[str]:
+    topic = "bench.events"
+    with EmbeddedBroker() as broker:
+        settings = Settings(bootstrap_servers=broker.bootstrap, events_topic=topic)
+        kafka_io.ensure_topics(broker.bootstrap, settings)
+        prod = kafka_io.producer(broker.bootstrap)
+        total = kafka_io.produce_records(prod, topic, read_source("movielens-100k"))
+        prod.close()
+        bare, ours = [], []
+        for r in range(repeats):
+            bare.append(bare_consumer(broker.bootstrap, topic, total))
+            ours.append(metarec_run(broker.bootstrap, topic, r))
+    ceiling = statistics.median(bare)
+    return [f"### Kafka path: the same {total:,} events on a 4-partition topic of the "
+            "embedded broker", "",
+            "| reader | events/s, median (min - max) | vs bare consumer |", "|---|---:|---:|",
+            f"| bare kafka-python consumer: poll + JSON decode | {spread(bare)} | 1.00x |",
+            f"| `metarec run` (consumer group, learn, commit) | {spread(ours)} | "
+            f"{statistics.median(ours) / ceiling:.2f}x |"]
+
+
+# -- users at scale ----------------------------------------------------------------------
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def features(rng: np.random.Generator, n: int, slots: int) -> np.ndarray:
+    """Three hashed feature tokens per row, the other slots empty."""
+    out = np.zeros((n, slots), dtype=np.int64)
+    out[:, :3] = rng.integers(1, 1 << 15, (n, 3))
+    return out
+
+
+def bench_users(n_users: int, events_per_user: int, batch_users: int) -> list[str]:
+    """Every user arrives, is scored and learns ``events_per_user`` labels: ops built as
+    arrays (the learner's input), so this measures the learner's state alone."""
+    learner = OnlineLearner(Settings().learner_config())
+    spec = learner.config.model.features
+    rng = np.random.default_rng(0)
+    before = resident_bytes()
     t0 = time.perf_counter()
-    for n, e in enumerate(events):
-        u, i = _tokens(e)
-        features = f"|u {' '.join(u)} |i {' '.join(i)}"
-        p[n] = vw.predict(features)
-        vw.learn(f"{1 if e['clicked'] else -1} {features}")
+    for start in range(0, n_users, batch_users):
+        ids = [f"user-{u}" for u in range(start, min(start + batch_users, n_users))]
+        for _ in range(events_per_user):
+            n = len(ids)
+            kind = np.repeat(np.array([[PREDICT, LEARN]]), n, 0).ravel()
+            item = np.repeat(rng.integers(1, 50_000, n), 2)
+            ops = Ops(user=[u for u in ids for _ in (0, 1)], kind=kind, item=item,
+                      item_feats=np.repeat(features(rng, n, spec.item_slots), 2, 0),
+                      user_feats=np.repeat(features(rng, n, spec.user_slots), 2, 0),
+                      context=np.zeros((2 * n, spec.context_slots), dtype=np.int64),
+                      label=np.repeat(rng.random(n) < 0.3, 2).astype(np.float32))
+            learner.process(ops)
     seconds = time.perf_counter() - t0
-    vw.finish()
-    y = np.array([e["clicked"] for e in events], dtype=float)
-    return len(events) / seconds, auc(p, y)
+    after = resident_bytes()
+    users = learner.users
+    assert len(users) == n_users
+    phi_bytes = users.phi.shape[1] * users.phi.itemsize
+    return [f"### {n_users:,} users, {events_per_user} labelled events each "
+            f"({n_users * events_per_user:,} events in {seconds:.0f} s)", "",
+            "| measure | value |", "|---|---:|",
+            f"| resident memory of the process at the end | {after / 2**30:.2f} GiB |",
+            f"| resident memory added by the stream | {(after - before) / 2**30:.2f} GiB |",
+            f"| fast weights per user (φ_u, float32) | {phi_bytes} bytes |",
+            f"| all per-user arrays per user (φ_u, ring of {users.ring} examples, "
+            f"counters, features) | {users.bytes_per_user()} bytes |"]
 
 
-def river_logistic(events: list[dict[str, Any]]) -> tuple[float, float]:
-    """river LogisticRegression on one-hot features (no interactions)."""
-    from river import linear_model, optim
+# -- latency -----------------------------------------------------------------------------
 
-    model = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
-    p = np.empty(len(events))
-    t0 = time.perf_counter()
-    for n, e in enumerate(events):
-        u, i = _tokens(e)
-        x = dict.fromkeys(u + i, 1.0)
-        p[n] = model.predict_proba_one(x).get(True, 0.5)
-        model.learn_one(x, bool(e["clicked"]))
-    seconds = time.perf_counter() - t0
-    y = np.array([e["clicked"] for e in events], dtype=float)
-    return len(events) / seconds, auc(p, y)
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def buckets(metrics: dict[str, float], name: str) -> list[tuple[float, float]]:
+    prefix = f'{name}_bucket{{le="'
+    found = [(float(k[len(prefix):-2]), v) for k, v in metrics.items() if k.startswith(prefix)]
+    return sorted(found)
+
+
+def quantile(q: float, cumulative: list[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket holding rank q."""
+    total = cumulative[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in cumulative:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return float("nan")
+
+
+def bench_latency(rate: int, seconds: int) -> list[str]:
+    name = "metarec_event_to_update_seconds"
+    topic = "latency.events"
+    port = free_port()
+    stream = SyntheticStream(users=20_000, items=2_000, events_per_user=rate * seconds // 20_000
+                             + 5, seed=5)
+    events = list(stream.events())
+    with EmbeddedBroker() as broker:
+        settings = Settings(bootstrap_servers=broker.bootstrap, events_topic=topic)
+        kafka_io.ensure_topics(broker.bootstrap, settings)
+        env = {**os.environ, "METAREC_BOOTSTRAP_SERVERS": broker.bootstrap,
+               "METAREC_EVENTS_TOPIC": topic, "METAREC_METRICS_PORT": str(port),
+               "METAREC_GROUP_ID": "latency", "METAREC_IDLE_EXIT_SECONDS": "5"}
+        proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        prod = kafka_io.producer(broker.bootstrap)
+        try:
+            sent = 0
+
+            def send(batch: list[Event]) -> None:
+                nonlocal sent
+                now = time.time()
+                for e in batch:
+                    # event time = send time: the stream is live
+                    e = {**e, "timestamp": now}
+                    prod.send(topic, key=e["user_id"].encode(), value=json.dumps(e).encode())
+                sent += len(batch)
+
+            # warm up until the consumer has joined and learned: its join is not latency
+            send(events[:200])
+            prod.flush()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if scrape(port).get("metarec_records_total", 0) >= 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            start = buckets(scrape(port), name)
+            tick, per_tick = 0.01, rate // 100
+            t0 = time.perf_counter()
+            pos = 200
+            for n in range(seconds * 100):
+                send(events[pos:pos + per_tick])
+                pos += per_tick
+                ahead = t0 + (n + 1) * tick - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            prod.flush()
+            produced = (sent - 200) / (time.perf_counter() - t0)
+            while scrape(port).get("metarec_records_total", 0) < sent:
+                time.sleep(0.2)
+            final = scrape(port)
+            end = buckets(final, name)
+            if os.environ.get("BENCH_VERBOSE"):
+                for key in ("metarec_microbatch_duration_seconds", name):
+                    print(key, buckets(final, key), file=sys.stderr)
+        finally:
+            prod.close()
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+            if os.environ.get("BENCH_VERBOSE"):
+                print(err.decode()[-3000:], file=sys.stderr)
+    window = [(le, count - before) for (le, count), (_, before) in zip(end, start, strict=True)]
+    p50, p99 = quantile(0.5, window), quantile(0.99, window)
+    return [f"### Event-to-update latency: `metarec run` at {rate:,} events/s for {seconds} s", "",
+            "| measure | value |", "|---|---:|",
+            f"| events produced (rate achieved) | {sent - 200:,} ({produced:,.0f}/s) |",
+            f"| p50 | {p50 * 1000:.0f} ms |", f"| p99 | {p99 * 1000:.0f} ms |"]
+
+
+# -- meta-update -------------------------------------------------------------------------
+
+
+def bench_meta(repeats: int) -> list[str]:
+    """A learner warmed on MovieLens (943 users), then meta-updates over 256 of them."""
+    settings = Settings(metrics_port=0)
+    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    records = list(read_source("movielens-100k"))
+    for i in range(0, len(records), 1000):
+        pipeline.process(records[i:i + 1000])
+    warmed = pipeline.learner
+    lines = [f"### One meta-update over {settings.meta_users} users' tasks "
+             f"({settings.task_size} examples each), {repeats * 5} repeats", "",
+             "| algorithm | ms, median (min - max) |", "|---|---:|"]
+    for algorithm in Algorithm:
+        config = warmed.config.model_copy(deep=True)
+        config.meta.algorithm = algorithm
+        learner = OnlineLearner(config, theta={k: v.clone() for k, v in warmed.theta.items()})
+        learner.users = warmed.users
+        ms = []
+        for _ in range(repeats * 5):
+            report = learner.meta_update()
+            assert report is not None and report.users == settings.meta_users
+            ms.append(report.seconds * 1000)
+        lines.append(f"| {algorithm.value} | {spread(ms, '{:.1f}')} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="+", default=["replay", "kafka", "users", "latency",
+                                                       "meta"])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--seconds", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    events = list(movielens.events())
-    runs: dict[str, Callable[[list[dict[str, Any]]], tuple[float, float]]] = {
-        "metarec replay (default config)": metarec_replay,
-        "Vowpal Wabbit (-q ui, logistic)": vowpal_wabbit,
-        "river LogisticRegression": river_logistic,
+    sections: dict[str, Callable[[], list[str]]] = {
+        "replay": lambda: bench_replay(list(movielens.events()), args.repeats),
+        "kafka": lambda: bench_kafka(args.repeats),
+        "users": lambda: bench_users(args.users, 2, 10_000),
+        "latency": lambda: bench_latency(args.rate, args.seconds),
+        "meta": lambda: bench_meta(args.repeats),
     }
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
-        for name, fn in runs.items():
-            results[name].append(fn(events))
-    vw = statistics.median(r[0] for r in results["Vowpal Wabbit (-q ui, logistic)"])
-    print(f"MovieLens-100K, {len(events)} events, {args.repeats} repeats, 1 torch thread\n")
-    print("| learner | events/s (median) | min - max | vs VW | prequential AUC |")
-    print("|---|---:|---:|---:|---:|")
-    for name, rs in results.items():
-        rates = [r[0] for r in rs]
-        med = statistics.median(rates)
-        print(f"| {name} | {med:,.0f} | {min(rates):,.0f} - {max(rates):,.0f} | "
-              f"{med / vw:.2f}x | {statistics.median(r[1] for r in rs):.4f} |")
+    print(f"{os.cpu_count()} CPUs, 1 torch thread, `python -m bench.throughput "
+          f"{' '.join(sys.argv[1:])}`\n")
+    for name in args.only:
+        print("\n".join(sections[name]()) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Drift monitoring over the prequential stream, overall and per segment.
 
-Signals, each fed one labelled prediction at a time in event-time order:
+Signals, fed the labelled predictions of each micro-batch in stream order:
 
 * ``logloss``: river ``ADWIN`` on each example's logloss; only a rise is an alarm
   (a learning model's loss falls, and that is not drift).
-* ``click_rate`` and ``score``: river ``PageHinkley`` on the label and on the
-  predicted probability.
+* ``click_rate`` and ``score``: Page-Hinkley (river's, computed over arrays) on
+  the label and on the predicted probability.
 * ``score_psi`` and ``item_novelty_psi``: population stability index of the
   scores, and of how often each item had been seen before, over the latest
-  window against a reference window (re-based after an alarm).
+  window against the window before it (re-based after an alarm).
 
 A segment is the value of one context field (``platform`` by default); users are
 never a segment, so label sets stay small.
@@ -63,37 +63,104 @@ def psi(reference: np.ndarray, current: np.ndarray, edges: np.ndarray) -> float:
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
+class PageHinkley:
+    """river's ``PageHinkley`` (mode "both"), over arrays: the same recursion, as
+    cumulative sums. Called per example, river's was the monitor's largest cost."""
+
+    def __init__(self, threshold: float, delta: float, min_instances: int = 30,
+                 alpha: float = 1 - 0.0001):
+        self.threshold, self.delta = threshold, delta
+        self.min_instances, self.alpha = min_instances, alpha
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.sum_increase = self.sum_decrease = 0.0
+        self.min_increase, self.max_decrease = math.inf, -1.0
+        self.drift_detected = False
+
+    def update_many(self, x: np.ndarray) -> list[int]:
+        """Feed ``x`` in order; the indices at which a drift was detected."""
+        alarms: list[int] = []
+        j = 0
+        while j < len(x):
+            if self.drift_detected:
+                self._reset()
+            xs = x[j:j + 4096]  # alpha**-k stays near 1 within a chunk
+            k = np.arange(1, len(xs) + 1)
+            n = self.n + k
+            mean = (self.mean * self.n + np.cumsum(xs)) / n
+            dev = xs - mean
+            decay = self.alpha ** k
+            inc = decay * (self.sum_increase + np.cumsum((dev - self.delta) / decay))
+            dec = decay * (self.sum_decrease + np.cumsum((dev + self.delta) / decay))
+            min_inc = np.minimum.accumulate(np.minimum(inc, self.min_increase))
+            max_dec = np.maximum.accumulate(np.maximum(dec, self.max_decrease))
+            hit = np.flatnonzero((n >= self.min_instances) & (
+                (inc - min_inc > self.threshold) | (max_dec - dec > self.threshold)))
+            end = int(hit[0]) if len(hit) else len(xs) - 1
+            self.n, self.mean = int(n[end]), float(mean[end])
+            self.sum_increase, self.sum_decrease = float(inc[end]), float(dec[end])
+            self.min_increase, self.max_decrease = float(min_inc[end]), float(max_dec[end])
+            if len(hit):
+                self.drift_detected = True
+                alarms.append(j + end)
+            j += end + 1
+        return alarms
+
+
 class _PSI:
+    """PSI of the latest window against the window just before it, every quarter
+    window. Comparing neighbours, not a fixed first window, lets a model's scores
+    shift slowly as it learns, and still catches an abrupt change within a window."""
+
     def __init__(self, window: int, edges: np.ndarray | None = None):
         self.window = window
         self.fixed_edges = edges
-        self.reference: np.ndarray | None = None
-        self.edges: np.ndarray | None = None
-        self.recent: deque[float] = deque(maxlen=window)
+        self.recent: deque[float] = deque(maxlen=2 * window)
         self.since = 0
 
     def update(self, x: float) -> tuple[float, float, float] | None:
         """(psi, reference mean, current mean) when it is time to compare."""
         self.recent.append(x)
-        if self.reference is None:
-            if len(self.recent) == self.window:
-                self._rebase()
-            return None
         self.since += 1
-        if self.since < self.window // 4:
+        if len(self.recent) < 2 * self.window or self.since < self.window // 4:
             return None
         self.since = 0
-        cur = np.asarray(self.recent)
-        assert self.edges is not None
-        return psi(self.reference, cur, self.edges), float(self.reference.mean()), float(cur.mean())
+        data = np.asarray(self.recent)
+        ref, cur = data[: self.window], data[self.window:]
+        edges = self.fixed_edges
+        if edges is None:  # deciles of the reference
+            inner = np.unique(np.quantile(ref, np.linspace(0.1, 0.9, 9)))
+            edges = np.concatenate([[-np.inf], inner, [np.inf]])
+        return psi(ref, cur, edges), float(ref.mean()), float(cur.mean())
 
-    def _rebase(self) -> None:
-        self.reference = np.asarray(self.recent)
-        if self.fixed_edges is not None:
-            self.edges = self.fixed_edges
-        else:  # deciles of the reference
-            inner = np.unique(np.quantile(self.reference, np.linspace(0.1, 0.9, 9)))
-            self.edges = np.concatenate([[-np.inf], inner, [np.inf]])
+    def update_many(self, xs: np.ndarray,
+                    threshold: float) -> list[tuple[int, float, float, float]]:
+        """:meth:`update` for each of ``xs``, re-basing after each alarm: (index, psi,
+        reference mean, current mean) for every comparison made."""
+        out = []
+        j = 0
+        while j < len(xs):
+            # append up to the next comparison at once
+            step = max(2 * self.window - len(self.recent), self.window // 4 - self.since, 1)
+            chunk = xs[j:j + step].tolist()
+            self.recent.extend(chunk[:-1])
+            self.since += len(chunk) - 1
+            j += len(chunk)
+            got = self.update(chunk[-1])
+            if got is not None:
+                out.append((j - 1, *got))
+                if got[0] > threshold:
+                    self.rebase()
+        return out
+
+    def rebase(self) -> None:
+        """After an alarm: the changed window becomes the next reference."""
+        current = list(self.recent)[-self.window:]
+        self.recent.clear()
+        self.recent.extend(current)
         self.since = 0
 
 
@@ -104,10 +171,11 @@ NOVELTY_EDGES = np.array([-np.inf, 0.5, 1.5, 2.5, np.inf])
 @dataclass
 class _Segment:
     config: DriftConfig
+    name: str
     n: int = 0
     adwin: drift.ADWIN = field(init=False)
-    ph_ctr: drift.PageHinkley = field(init=False)
-    ph_score: drift.PageHinkley = field(init=False)
+    ph_ctr: PageHinkley = field(init=False)
+    ph_score: PageHinkley = field(init=False)
     psi_score: _PSI = field(init=False)
     psi_novelty: _PSI = field(init=False)
     # slow (~2,000 examples) and fast (~200) moving averages: "from what to what"
@@ -119,10 +187,64 @@ class _Segment:
     def __post_init__(self) -> None:
         c = self.config
         self.adwin = drift.ADWIN(delta=c.adwin_delta)
-        self.ph_ctr = drift.PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
-        self.ph_score = drift.PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
+        self.ph_ctr = PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
+        self.ph_score = PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
         self.psi_score = _PSI(c.psi_window)
         self.psi_novelty = _PSI(c.psi_window, NOVELTY_EDGES)
+
+    def update(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
+               novelty: np.ndarray, latest_psi: dict[tuple[str, str], float]) -> list[DriftEvent]:
+        out: list[DriftEvent] = []
+        m, n0, warmup = len(p), self.n, self.config.warmup
+        self.n += m
+        first = max(0, warmup - n0)  # the first index past the warm-up: alarms count
+
+        def at(j: int) -> tuple[float, int]:
+            return float(timestamp[j]), n0 + j + 1
+
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        loss = -(label * np.log(q) + (1 - label) * np.log(1 - q))
+        adwin = self.adwin
+        # moving averages, kept per example: "from what to what" for the alarms
+        ewma = np.empty((m, 4))
+        avg = [self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast]
+        # ADWIN's window only grows between detections: its mean is tracked here,
+        # and read back from ADWIN after a detection (and after the reset that follows)
+        total, width, resync = adwin.total, adwin.width, False
+        for j, (x, y, s) in enumerate(zip(loss.tolist(), label.tolist(), p.tolist(),
+                                          strict=True)):
+            before = total / width if width else 0.0
+            adwin.update(x)
+            if adwin.drift_detected or resync:
+                total, width, resync = adwin.total, adwin.width, adwin.drift_detected
+                if adwin.drift_detected and j >= first and total / width > before:
+                    out.append(DriftEvent("logloss", "adwin", self.name, *at(j), before,
+                                          total / width))
+            else:
+                total, width = total + x, width + 1
+            n = n0 + j + 1
+            slow, fast = 1 / min(n, 2000), 1 / min(n, 200)
+            avg[0] += slow * (y - avg[0])
+            avg[1] += fast * (y - avg[1])
+            avg[2] += slow * (s - avg[2])
+            avg[3] += fast * (s - avg[3])
+            ewma[j] = avg
+        self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast = avg
+        for signal, ph, values, col in (("click_rate", self.ph_ctr, label, 0),
+                                        ("score", self.ph_score, p, 2)):
+            for j in ph.update_many(values):
+                if j >= first:
+                    out.append(DriftEvent(signal, "page_hinkley", self.name, *at(j),
+                                          float(ewma[j, col]), float(ewma[j, col + 1])))
+        threshold = self.config.psi_threshold
+        for signal, tracker, values in (("score_psi", self.psi_score, p),
+                                        ("item_novelty_psi", self.psi_novelty, novelty)):
+            for j, value, ref_mean, cur_mean in tracker.update_many(values[first:], threshold):
+                latest_psi[(signal, self.name)] = value
+                if value > threshold:
+                    out.append(DriftEvent(signal, "psi", self.name, *at(first + j), ref_mean,
+                                          cur_mean))
+        return out
 
 
 class DriftMonitor:
@@ -136,60 +258,42 @@ class DriftMonitor:
     def update(self, p: float, label: float, timestamp: float, item_id: str,
                segment: str | None) -> list[DriftEvent]:
         """One labelled prediction; returns the alarms it raised."""
-        novelty = float(min(self.item_seen[item_id], 3))
-        self.item_seen[item_id] += 1
-        out = self._update("all", p, label, timestamp, novelty)
-        if segment is not None:
+        return self.update_batch(np.array([p]), np.array([label]), np.array([timestamp]),
+                                 [item_id], [segment])
+
+    def update_batch(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
+                     item_ids: list[str], segments: list[str | None]) -> list[DriftEvent]:
+        """Labelled predictions in stream order; returns the alarms they raised, in
+        event-time order. The same as feeding them one by one, in a tenth of the time."""
+        seen = self.item_seen
+        novelty = np.empty(len(item_ids))
+        for j, item in enumerate(item_ids):
+            count = seen[item]
+            novelty[j] = min(count, 3)
+            seen[item] = count + 1
+        overall = self._segment("all")
+        groups: dict[str, list[int]] = {}
+        new = 0  # segments first seen in this batch
+        for j, segment in enumerate(segments):
+            if segment is None:
+                continue
             name = f"{self.config.segment_field}={segment}"
-            if name in self.segments or len(self.segments) <= self.config.max_segments:
-                out += self._update(name, p, label, timestamp, novelty)
+            if name not in groups and name not in self.segments:
+                if len(self.segments) + new > self.config.max_segments:
+                    continue
+                new += 1
+            groups.setdefault(name, []).append(j)
+        out = overall.update(p, label, timestamp, novelty, self.latest_psi)
+        for name, idx in groups.items():
+            sel = np.asarray(idx)
+            out += self._segment(name).update(p[sel], label[sel], timestamp[sel],
+                                              novelty[sel], self.latest_psi)
+        out.sort(key=lambda e: e.timestamp)
         self.events += out
         return out
 
     def _segment(self, name: str) -> _Segment:
         seg = self.segments.get(name)
         if seg is None:
-            seg = self.segments[name] = _Segment(self.config)
+            seg = self.segments[name] = _Segment(self.config, name)
         return seg
-
-    def _update(self, name: str, p: float, label: float, timestamp: float,
-                novelty: float) -> list[DriftEvent]:
-        seg = self._segment(name)
-        seg.n += 1
-        armed = seg.n > self.config.warmup
-        out: list[DriftEvent] = []
-
-        def fire(signal: str, detector: str, before: float, after: float) -> None:
-            if armed:
-                out.append(DriftEvent(signal, detector, name, timestamp, seg.n, before, after))
-
-        q = min(max(p, 1e-7), 1 - 1e-7)
-        loss = -(label * math.log(q) + (1 - label) * math.log(1 - q))
-        before = seg.adwin.estimation
-        seg.adwin.update(loss)
-        if seg.adwin.drift_detected and seg.adwin.estimation > before:
-            fire("logloss", "adwin", before, seg.adwin.estimation)
-        slow, fast = 1 / min(seg.n, 2000), 1 / min(seg.n, 200)
-        seg.ctr_slow += slow * (label - seg.ctr_slow)
-        seg.ctr_fast += fast * (label - seg.ctr_fast)
-        seg.score_slow += slow * (p - seg.score_slow)
-        seg.score_fast += fast * (p - seg.score_fast)
-        seg.ph_ctr.update(label)
-        if seg.ph_ctr.drift_detected:
-            fire("click_rate", "page_hinkley", seg.ctr_slow, seg.ctr_fast)
-        seg.ph_score.update(p)
-        if seg.ph_score.drift_detected:
-            fire("score", "page_hinkley", seg.score_slow, seg.score_fast)
-        for signal, tracker, x in (("score_psi", seg.psi_score, p),
-                                   ("item_novelty_psi", seg.psi_novelty, novelty)):
-            if not armed:  # the reference window is the first one after the warm-up
-                continue
-            got = tracker.update(x)
-            if got is None:
-                continue
-            value, ref_mean, cur_mean = got
-            self.latest_psi[(signal, name)] = value
-            if value > self.config.psi_threshold:
-                fire(signal, "psi", ref_mean, cur_mean)
-                tracker._rebase()
-        return out

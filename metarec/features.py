@@ -53,3 +53,23 @@ def slots(features: Mapping[str, FeatureValue], width: int, spec: FeatureSpec) -
     for i, token in enumerate(tokens(features)[:width]):
         out[i] = _bucket(token, spec.feature_buckets)
     return out
+
+
+class SlotCache:
+    """The slots of the features last seen for each key (an item or a user id).
+    Events repeat their item's and user's features; hashing them again was a
+    fifth of a replay's time. A changed mapping is hashed anew."""
+
+    def __init__(self, width: int, spec: FeatureSpec, max_keys: int = 1 << 20):
+        self.width, self.spec, self.max_keys = width, spec, max_keys
+        self._seen: dict[str, tuple[Mapping[str, FeatureValue], np.ndarray]] = {}
+
+    def slots(self, key: str, features: Mapping[str, FeatureValue]) -> np.ndarray:
+        hit = self._seen.get(key)
+        if hit is not None and hit[0] == features:
+            return hit[1]
+        found = slots(features, self.width, self.spec)
+        if len(self._seen) >= self.max_keys:
+            self._seen.clear()
+        self._seen[key] = (features, found)
+        return found

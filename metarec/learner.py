@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from metarec import kernels
 from metarec.meta import Algorithm, MetaConfig, learned_names, meta_loss, reptile_direction
 from metarec.model import (
     Examples,
     ModelConfig,
     Theta,
-    adapt_represented,
     bce,
     init_theta,
     logit,
     represent,
 )
 from metarec.optim import Adagrad, Localized, gradients
-from metarec.users import UserStore
+from metarec.users import ItemFeatures, UserStore
 
 PREDICT = 0
 LEARN = 1
@@ -78,8 +78,9 @@ class OnlineLearner:
         self.config = config
         m = config.model
         self.theta: Theta = theta if theta is not None else init_theta(m, config.seed)
-        self.users = UserStore(m.phi_dim, config.task_size, m.features.item_slots,
-                               m.features.user_slots, m.features.context_slots)
+        self.items = ItemFeatures(m.features.item_buckets, m.features.item_slots)
+        self.users = UserStore(m.phi_dim, config.task_size, m.features.user_slots,
+                               m.features.context_slots, self.items)
         self.online_opt = Adagrad(self.theta)
         self.meta_opt = Adagrad(self.theta)
         self.rng = np.random.default_rng(config.seed)
@@ -101,34 +102,40 @@ class OnlineLearner:
         users = self.users
         rows = users.rows_for(ops.user, self.theta["phi0"])
         users.set_features(rows, ops.user_feats)
-        wave, rank = _waves(rows, ops.kind)
+        self.items.update(ops.item, ops.item_feats)
         self._start_items(ops.item[ops.kind == LEARN])
-        learn_phi = torch.zeros(n, self.config.model.phi_dim)
+        learn_phi = np.zeros((n, self.config.model.phi_dim), dtype=np.float32)
         with torch.no_grad():
             # θ is fixed until the batch ends: represent every op, and every buffered
             # example of the users who learn, once; the waves only gather.
-            q, base = represent(self.theta, self._examples(ops, rows, np.arange(n)))
-            ring = _BatchRing(self, np.unique(rows[ops.kind == LEARN]))
-            for w in range(int(wave.max()) + 1):
-                in_wave = wave == w
-                pred = np.flatnonzero(in_wave & (ops.kind == PREDICT))
-                if len(pred):
-                    z = logit(users.phi[rows[pred]], q[pred], base[pred])
-                    p[pred] = torch.sigmoid(z).numpy()
-                    k[pred] = users.learned[rows[pred]]
-                learn = np.flatnonzero(in_wave & (ops.kind == LEARN))
-                if len(learn):
-                    # the weights each example meets before it is learned: θ's online
-                    # step trains on exactly the situation a prediction is made in
-                    learn_phi[learn] = users.phi[rows[learn]]
-                    for r in range(int(rank[learn].max()) + 1):  # a user's labels in order
-                        sel = learn[rank[learn] == r]
-                        ring.push(rows[sel], q[sel], base[sel], ops.label[sel])
-                        users.push(rows[sel], ops.item[sel], ops.item_feats[sel],
-                                   ops.context[sel], ops.label[sel])
-                    ring.adapt(np.unique(rows[learn]))
-                    self.examples_learned += len(learn)
-                    self.since_meta += len(learn)
+            q_t, base_t = represent(self.theta, self._examples(ops, rows, np.arange(n)))
+        q, base = q_t.numpy(), base_t.numpy()
+        learning = rows[ops.kind == LEARN]
+        ring = _BatchRing(self, np.unique(learning), learning)
+        wave, rank = _waves(rows, ops.kind)
+        # one segment per wave: its predictions first, then its labels by rank
+        order = np.lexsort((rank, ops.kind, wave))
+        for seg in np.split(order, np.flatnonzero(np.diff(wave[order])) + 1):
+            kind = ops.kind[seg]
+            pred, learn = seg[kind == PREDICT], seg[kind == LEARN]
+            if len(pred):
+                pr = rows[pred]
+                p[pred] = kernels.sigmoid(kernels.logit(users.phi[pr], q[pred], base[pred]))
+                k[pred] = users.learned[pr]
+            if len(learn):
+                lr_rows = rows[learn]
+                # the weights each example meets before it is learned: θ's online
+                # step trains on exactly the situation a prediction is made in
+                learn_phi[learn] = users.phi[lr_rows]
+                ranks = rank[learn]
+                for r in range(int(ranks[-1]) + 1):  # a user's labels in order
+                    sel = learn[ranks == r] if ranks[-1] else learn
+                    ring.push(rows[sel], q[sel], base[sel], ops.label[sel])
+                    users.push(rows[sel], ops.item[sel], ops.context[sel], ops.label[sel])
+                ring.adapt(np.unique(lr_rows) if ranks[-1] else lr_rows)
+        learned = int((ops.kind == LEARN).sum())
+        self.examples_learned += learned
+        self.since_meta += learned
         self._online_step(ops, rows, learn_phi)
         return Scores(p, k)
 
@@ -148,13 +155,13 @@ class OnlineLearner:
         return Examples(torch.from_numpy(ops.item[idx]), torch.from_numpy(ops.item_feats[idx]),
                         torch.from_numpy(user_feats.astype(np.int64)))
 
-    def _online_step(self, ops: Ops, rows: np.ndarray, learn_phi: torch.Tensor) -> None:
+    def _online_step(self, ops: Ops, rows: np.ndarray, learn_phi: np.ndarray) -> None:
         learn = np.flatnonzero(ops.kind == LEARN)
         if not len(learn):
             return
         view = Localized(self.theta, [self._examples(ops, rows, learn)], dense=("global_bias",))
         q, base = represent(view.theta, view.batches[0])
-        z = logit(learn_phi[learn], q, base)
+        z = logit(torch.from_numpy(learn_phi[learn]), q, base)
         # A sum, not a mean: each example's gradient counts in full, however many
         # share the micro-batch (the batch size is an I/O choice, not a model one).
         loss = bce(z, torch.from_numpy(ops.label[learn].astype(np.float32))) * len(learn)
@@ -206,27 +213,40 @@ class _BatchRing:
     """The task buffers of a micro-batch's learning users, already represented
     under the batch's θ, kept in step with :class:`UserStore` as labels arrive."""
 
-    def __init__(self, learner: OnlineLearner, rows: np.ndarray):
-        self.learner = learner
+    def __init__(self, learner: OnlineLearner, rows: np.ndarray, pushes: np.ndarray):
+        self.users = learner.users
+        self.config = learner.config.model
         self.rows = rows  # sorted, unique
-        task, self.y, self.mask = learner.users.ring_view(rows)
-        self.q, self.base = represent(learner.theta, task)
+        # Only the slots this batch can reach: a young user fills slots 0, 1, ...,
+        # so new users cost their few examples, not a whole ring.
+        reach = self.users.learned[rows] + np.bincount(np.searchsorted(rows, pushes),
+                                                        minlength=len(rows))
+        self.width = int(min(self.users.ring, reach.max(initial=0)))
+        task, y, mask = self.users.ring_view(rows, self.width)
+        with torch.no_grad():
+            q, base = represent(learner.theta, task)
+            self.lr = learner.theta["log_inner_lr"].exp().numpy()
+            self.phi0 = learner.theta["phi0"].numpy().copy()
+        self.q, self.base, self.y, self.mask = q.numpy(), base.numpy(), y.numpy(), mask.numpy()
+        # weight of a slot by its age (labels given since it was written)
+        self.decay = self.config.recency ** np.arange(self.users.ring, dtype=np.float32)
 
-    def push(self, rows: np.ndarray, q: torch.Tensor, base: torch.Tensor,
+    def push(self, rows: np.ndarray, q: np.ndarray, base: np.ndarray,
              label: np.ndarray) -> None:
         j = np.searchsorted(self.rows, rows)
-        slot = self.learner.users.learned[rows] % self.learner.users.ring
+        slot = self.users.learned[rows] % self.users.ring
         self.q[j, slot] = q
         self.base[j, slot] = base
-        self.y[j, slot] = torch.from_numpy(label)
+        self.y[j, slot] = label
         self.mask[j, slot] = 1.0
 
     def adapt(self, rows: np.ndarray) -> None:
         j = np.searchsorted(self.rows, rows)
-        users = self.learner.users
-        users.phi[rows] = adapt_represented(self.learner.theta, users.phi[rows], self.q[j],
-                                            self.base[j], self.y[j], self.mask[j],
-                                            self.learner.config.model)
+        users = self.users
+        age = (users.learned[rows, None] - 1 - np.arange(self.width)) % users.ring
+        weight = self.mask[j] * self.decay[age]
+        users.phi[rows] = kernels.adapt(users.phi[rows], self.q[j], self.base[j], self.y[j],
+                                        weight, self.lr, self.phi0, self.config)
 
 
 def _waves(rows: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

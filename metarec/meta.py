@@ -31,6 +31,9 @@ class Algorithm(StrEnum):
     FOMAML = "fomaml"  # first order: inner gradients treated as constants
     REPTILE = "reptile"  # moves φ_0 towards the adapted weights, no query gradient
     METASGD = "metasgd"  # MAML that also learns a per-parameter inner learning rate
+    # The control: φ_0 trained by ordinary SGD on users' pooled examples (no inner
+    # loop in the objective); users still fine-tune from it exactly as with the others.
+    FINETUNE = "finetune"
 
 
 class MetaConfig(BaseModel):
@@ -71,11 +74,14 @@ def meta_loss(
     config: ModelConfig,
     algorithm: Algorithm,
 ) -> torch.Tensor:
-    """Query loss after adapting φ_0 on each support set (MAML, FOMAML, Meta-SGD)."""
-    support, query = split_masks(mask)
+    """Query loss after adapting φ_0 on each support set (MAML, FOMAML, Meta-SGD);
+    for the fine-tune control, the plain loss of φ_0 on every example."""
     n = y.shape[0]
     phi = theta["phi0"].expand(n, -1)
     q, base = represent(theta, tasks)  # once: support and query share the examples
+    if algorithm is Algorithm.FINETUNE:
+        return bce(logit(phi.unsqueeze(-2), q, base), y, mask)
+    support, query = split_masks(mask)
     adapted = adapt_represented(theta, phi, q, base, y, support, config,
                                 first_order=algorithm is Algorithm.FOMAML)
     return bce(logit(adapted.unsqueeze(-2), q, base), y, query)

@@ -15,6 +15,7 @@ torch expression of θ: second-order MAML differentiates straight through it.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +29,11 @@ TABLES = ("item_emb", "item_bias", "feat_emb", "feat_bias")
 DENSE = ("global_bias", "phi0", "log_inner_lr")
 
 
+class Adaptation(StrEnum):
+    GRADIENT = "gradient"  # inner SGD steps on the user's task
+    PROTOTYPE = "prototype"  # gradient-free: φ_u = φ_0 + α·(clicked minus skipped items' q)
+
+
 class ModelConfig(BaseModel):
     dim: int = Field(32, ge=1, description="embedding and user-vector width d")
     features: FeatureSpec = Field(default_factory=FeatureSpec)
@@ -35,8 +41,12 @@ class ModelConfig(BaseModel):
     item_init_scale: float = Field(0.1, ge=0, description="std of an item embedding's "
                                    "random start, drawn when the item is first learned from")
     inner_lr: float = Field(0.5, gt=0, description="initial inner (per-user) learning rate")
-    inner_steps: int = Field(1, ge=1, description="SGD steps on a user's task per label")
+    inner_steps: int = Field(1, ge=0, description="SGD steps on a user's task per label "
+                             "(0: no per-user weights, every user scores with φ_0)")
+    adaptation: Adaptation = Field(Adaptation.GRADIENT, description="how φ_u follows the task")
     inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
+    recency: float = Field(0.85, gt=0, le=1, description="weight of a task example per label "
+                           "given after it (1: all equal); users' taste drifts within sessions")
 
     @property
     def phi_dim(self) -> int:
@@ -74,25 +84,26 @@ class Examples(NamedTuple):
         return Examples(self.item[idx], self.item_feats[idx], self.user_feats[idx])
 
 
-def _masked_mean(table: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = (idx > 0).to(table.dtype)
-    rows = table[idx] * mask.unsqueeze(-1)
-    mean = rows.sum(-2) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    return mean, mask
+def _bag(table: torch.Tensor, idx: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean or sum of ``table`` rows over the last axis of ``idx``, slot 0 = empty
+    (excluded, also from the mean's count). One fused embedding_bag, not a gather,
+    a mask and a reduction: this is the largest cost of a micro-batch."""
+    flat = idx.reshape(-1, idx.shape[-1])
+    out = torch.nn.functional.embedding_bag(flat, table, mode=mode, padding_idx=0)
+    return out.reshape(*idx.shape[:-1], table.shape[-1])
 
 
 def represent(theta: Theta, ex: Examples) -> tuple[torch.Tensor, torch.Tensor]:
     """Everything of the logit except φ_u: ``q`` (S x d) and ``base`` (S) so that
     ``logit = base + φ[d] + <φ[:d], q>``."""
-    item_side, item_mask = _masked_mean(theta["feat_emb"], ex.item_feats)
-    user_side, user_mask = _masked_mean(theta["feat_emb"], ex.user_feats)
-    q = theta["item_emb"][ex.item] + item_side
-    fb = theta["feat_bias"]
+    q = theta["item_emb"][ex.item] + _bag(theta["feat_emb"], ex.item_feats, "mean")
+    user_side = _bag(theta["feat_emb"], ex.user_feats, "mean")
+    fb = theta["feat_bias"].unsqueeze(-1)
     base = (
         theta["global_bias"]
         + theta["item_bias"][ex.item]
-        + (fb[ex.item_feats] * item_mask).sum(-1)
-        + (fb[ex.user_feats] * user_mask).sum(-1)
+        + _bag(fb, ex.item_feats, "sum")[..., 0]
+        + _bag(fb, ex.user_feats, "sum")[..., 0]
         + (user_side * q).sum(-1)
     )
     return q, base
@@ -159,11 +170,23 @@ def adapt_represented(
 ) -> torch.Tensor:
     """:func:`adapt` on tasks already passed through :func:`represent`."""
     lr = theta["log_inner_lr"].exp()
+    if config.adaptation is Adaptation.PROTOTYPE and config.inner_steps:
+        return prototype(theta["phi0"], q, y, mask, lr)
     for _ in range(config.inner_steps):
         phi = inner_step(
             phi, q, base, y, mask, lr, theta["phi0"], config.inner_l2, first_order=first_order
         )
     return phi
+
+
+def prototype(phi0: torch.Tensor, q: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+              scale: torch.Tensor) -> torch.Tensor:
+    """Gradient-free adaptation: move φ_0 towards the (weighted) mean representation of
+    the items a user clicked and away from those they skipped; the bias by the
+    mean of ±1. Start-independent, so it is the same from any ``phi``."""
+    sign = (2 * y - 1) * mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    shift = torch.cat([(sign.unsqueeze(-1) * q).sum(-2), sign.sum(-1, keepdim=True)], dim=-1)
+    return phi0 + scale * shift
 
 
 def bce(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,9 @@ labels the user has taught, static features, and a ring buffer of the user's
 most recent labelled examples (the user's task, in time order).
 
 No object per user: a million users are a million rows. The arrays double when
-full, so appends are amortised O(1).
+full, so appends are amortised O(1). A ring slot holds only what is particular
+to the example (item id, context, label); an item's features live once per item
+in :class:`ItemFeatures`, which keeps a user at about 1 KB with 50-example tasks.
 """
 
 from __future__ import annotations
@@ -14,32 +16,49 @@ import torch
 from metarec.model import Examples
 
 
+class ItemFeatures:
+    """The latest non-empty feature slots of every item bucket."""
+
+    def __init__(self, buckets: int, slots: int):
+        self.table = np.zeros((buckets, slots), dtype=np.int32)
+
+    def update(self, items: np.ndarray, feats: np.ndarray) -> None:
+        has = feats.any(axis=1)
+        self.table[items[has]] = feats[has]
+
+
 class UserStore:
-    def __init__(self, phi_dim: int, ring: int, item_slots: int, user_slots: int,
-                 context_slots: int):
+    def __init__(self, phi_dim: int, ring: int, user_slots: int, context_slots: int,
+                 items: ItemFeatures):
         self.ring = ring
+        self.items = items
         self.rows: dict[str, int] = {}  # user id -> row, in order of arrival
         cap = 1024
-        self.phi = torch.zeros(cap, phi_dim)
+        # numpy, not torch: the serving loop touches a few rows at a time, where
+        # numpy's per-call cost is a fraction of torch's; torch.from_numpy shares it.
+        self.phi = np.zeros((cap, phi_dim), dtype=np.float32)
         self.learned = np.zeros(cap, dtype=np.int64)
         # hashed ids fit in int32: half the memory of the int64 torch indexes with
         self.features = np.zeros((cap, user_slots), dtype=np.int32)
         self.ring_item = np.zeros((cap, ring), dtype=np.int32)
-        self.ring_item_feats = np.zeros((cap, ring, item_slots), dtype=np.int32)
         self.ring_context = np.zeros((cap, ring, context_slots), dtype=np.int32)
-        self.ring_label = np.zeros((cap, ring), dtype=np.float32)
+        self.ring_label = np.zeros((cap, ring), dtype=np.int8)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def bytes_per_user(self) -> int:
+        """Bytes of array state per user row (fast weights, counters, ring, features)."""
+        arrays = (self.phi, self.learned, self.features, self.ring_item, self.ring_context,
+                  self.ring_label)
+        return sum(a.nbytes // a.shape[0] for a in arrays)
 
     def _grow(self, need: int) -> None:
         cap = self.phi.shape[0]
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        self.phi = torch.cat([self.phi, torch.zeros(new - cap, self.phi.shape[1])])
-        for name in ("learned", "features", "ring_item", "ring_item_feats", "ring_context",
-                     "ring_label"):
+        for name in ("phi", "learned", "features", "ring_item", "ring_context", "ring_label"):
             arr = getattr(self, name)
             grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             grown[:cap] = arr
@@ -57,7 +76,7 @@ class UserStore:
             out[i] = row
         if fresh:
             self._grow(len(self.rows))
-            self.phi[fresh] = phi0
+            self.phi[fresh] = phi0.detach().numpy()
         return out
 
     def set_features(self, rows: np.ndarray, features: np.ndarray) -> None:
@@ -65,24 +84,22 @@ class UserStore:
         has = features.any(axis=1)
         self.features[rows[has]] = features[has]
 
-    def push(
-        self, rows: np.ndarray, item: np.ndarray, item_feats: np.ndarray, context: np.ndarray,
-        label: np.ndarray,
-    ) -> None:
+    def push(self, rows: np.ndarray, item: np.ndarray, context: np.ndarray,
+             label: np.ndarray) -> None:
         """Append one example to each of ``rows`` (distinct users)."""
         slot = self.learned[rows] % self.ring
         self.ring_item[rows, slot] = item
-        self.ring_item_feats[rows, slot] = item_feats
         self.ring_context[rows, slot] = context
         self.ring_label[rows, slot] = label
         self.learned[rows] += 1
 
-    def ring_view(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
-        """Each user's buffered examples by ring slot (not time-ordered): enough
-        for a loss that is a mean over them."""
-        j = np.arange(self.ring)
+    def ring_view(self, rows: np.ndarray,
+                  width: int | None = None) -> tuple[Examples, torch.Tensor, torch.Tensor]:
+        """Each user's buffered examples by ring slot (not time-ordered; the first
+        ``width`` slots): enough for a loss that is a mean over them."""
+        j = np.arange(self.ring if width is None else width)
         mask = j[None, :] < np.minimum(self.learned[rows], self.ring)[:, None]
-        return self._gather(rows, np.broadcast_to(j, (len(rows), self.ring)), mask)
+        return self._gather(rows, np.broadcast_to(j, (len(rows), len(j))), mask)
 
     def task(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
         """Each user's buffered examples, oldest first: (examples n x R, labels, mask)."""
@@ -99,13 +116,14 @@ class UserStore:
         r = rows[:, None]
         user_feats = np.concatenate(
             [np.broadcast_to(self.features[rows][:, None, :],
-                             (len(rows), self.ring, self.features.shape[1])),
+                             (*slot.shape, self.features.shape[1])),
              self.ring_context[r, slot]], axis=-1,
         )
+        item = self.ring_item[r, slot]
         examples = Examples(
-            torch.from_numpy(self.ring_item[r, slot].astype(np.int64)),
-            torch.from_numpy(self.ring_item_feats[r, slot].astype(np.int64)),
+            torch.from_numpy(item.astype(np.int64)),
+            torch.from_numpy(self.items.table[item].astype(np.int64)),
             torch.from_numpy(user_feats.astype(np.int64)),
         )
-        return (examples, torch.from_numpy(self.ring_label[r, slot]),
+        return (examples, torch.from_numpy(self.ring_label[r, slot].astype(np.float32)),
                 torch.from_numpy(mask.astype(np.float32)))

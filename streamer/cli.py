@@ -160,9 +160,10 @@ def cmd_run(settings: Settings) -> int:
         summary = runner.run()
         if feeder is not None:
             feeder.join(timeout=5)
-        log.info("done: %d records, %d labelled, %d dead letters, published versions %s",
-                 summary.records, summary.labelled, summary.dead_letters,
-                 summary.versions_published or "none")
+        log.info("done: %d records (%.0f events/s while busy), %d labelled, %d dead letters, "
+                 "published versions %s", summary.records,
+                 summary.records / max(summary.busy_seconds, 1e-9), summary.labelled,
+                 summary.dead_letters, summary.versions_published or "none")
         if broker is not None:
             _show_model_topic(bootstrap, settings)
     finally:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from metarec.features import FeatureSpec
 from metarec.learner import LearnerConfig
 from metarec.meta import Algorithm, MetaConfig
-from metarec.model import ModelConfig
+from metarec.model import Adaptation, ModelConfig
 
 
 class Settings(BaseSettings):
@@ -33,8 +33,12 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(
         6000, ge=1000, description="consumer group session timeout; brokers finish a join in "
         "about half of it on first start")
-    max_batch_records: int = Field(1000, ge=1, description="records per micro-batch at most")
+    max_batch_records: int = Field(200, ge=1, description="records per micro-batch at most")
     poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
+    commit_interval_ms: int = Field(
+        1000, ge=0, description="commit offsets after the first micro-batch this long after "
+        "the last commit (0: after every one), and at shutdown; a crash or rebalance "
+        "re-reads at most this much")
     max_record_bytes: int = Field(65536, ge=64, description="larger records are dead-lettered")
     # joining
     attribution_window_seconds: float = Field(
@@ -48,7 +52,12 @@ class Settings(BaseSettings):
     # learning
     algorithm: Algorithm = Field(Algorithm.REPTILE, description="meta-learning algorithm")
     dim: int = Field(32, ge=1, description="embedding and user-vector width")
-    inner_steps: int = Field(1, ge=1, description="SGD steps on a user's task per label")
+    inner_steps: int = Field(1, ge=0, description="SGD steps on a user's task per label "
+                             "(0: no per-user weights)")
+    adaptation: Adaptation = Field(Adaptation.GRADIENT, description="per-user adaptation: "
+                                   "inner SGD (gradient) or gradient-free (prototype)")
+    recency: float = Field(0.85, gt=0, le=1, description="weight of a user's example per "
+                           "label given after it, in the inner loss (1: all equal)")
     inner_lr: float = Field(0.5, gt=0, description="inner learning rate (initial, Meta-SGD)")
     inner_l2: float = Field(0.01, ge=0, description="pull of user weights towards the init")
     task_size: int = Field(50, ge=2, description="recent labelled examples kept per user")
@@ -107,7 +116,7 @@ class Settings(BaseSettings):
         return LearnerConfig(
             model=ModelConfig(
                 dim=self.dim, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
-                inner_l2=self.inner_l2,
+                inner_l2=self.inner_l2, adaptation=self.adaptation, recency=self.recency,
                 features=FeatureSpec(item_buckets=self.item_buckets,
                                      feature_buckets=self.feature_buckets),
             ),

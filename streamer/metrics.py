@@ -8,7 +8,7 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from metarec.events import REJECT_REASONS
-from streamer.pipeline import BatchResult, Pipeline
+from streamer.pipeline import BatchResult, Pipeline, Record
 
 
 class Metrics:
@@ -25,6 +25,11 @@ class Metrics:
         self.batch_seconds = Histogram(
             "metarec_microbatch_duration_seconds", "Time to process one micro-batch",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.freshness = Histogram(
+            "metarec_event_to_update_seconds", "From a record's Kafka timestamp (its append "
+            "time on brokers that set it) to the end of the micro-batch that learned from it",
+            buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5,
+                     10, 30, 60), registry=r)
         self.meta_updates = Counter("metarec_meta_updates", "Meta-updates of the shared "
                                     "initialisation", registry=r)
         self.meta_seconds = Histogram("metarec_meta_update_duration_seconds",
@@ -62,6 +67,11 @@ class Metrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_freshness(self, now: float, records: list[Record]) -> None:
+        for rec in records:
+            if rec.timestamp_ms >= 0:
+                self.freshness.observe(max(now - rec.timestamp_ms / 1000, 0.0))
 
     def observe(self, result: BatchResult, pipeline: Pipeline) -> None:
         self.records.inc(result.records)

@@ -16,7 +16,7 @@ from typing import IO
 import numpy as np
 
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
-from metarec.encoding import encode
+from metarec.encoding import Encoder
 from metarec.evaluation import Prequential
 from metarec.events import Click, Impression, Rejected, decode_event
 from metarec.joiner import Joiner, Labelled, Scored
@@ -26,13 +26,15 @@ from streamer.config import Settings
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A raw record and where it came from (partition/offset -1 for files)."""
+    """A raw record and where it came from (partition/offset -1 for files);
+    ``timestamp_ms`` is the Kafka record timestamp (-1: none)."""
 
     value: bytes
     key: bytes | None = None
     topic: str = ""
     partition: int = -1
     offset: int = -1
+    timestamp_ms: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class Pipeline:
         self.joiner = Joiner(window=settings.attribution_window_seconds,
                              lateness=settings.allowed_lateness_seconds,
                              max_pending=settings.max_pending_impressions)
+        self.encoder = Encoder(learner.config.model.features)
         self.evaluation = Prequential(keep_all=keep_all)
         self.drift = DriftMonitor(DriftConfig(segment_field=settings.drift_segment_field,
                                               warmup=settings.drift_warmup))
@@ -132,9 +135,8 @@ class Pipeline:
         return event
 
     def _run(self, batch: _OpsBuilder, result: BatchResult) -> None:
-        spec = self.learner.config.model.features
         if batch.impressions:
-            ops = encode(batch.impressions, batch.kinds, batch.labels, spec)
+            ops = self.encoder.encode(batch.impressions, batch.kinds, batch.labels)
             scores = self.learner.process(ops)
             for i, scored in batch.scored:
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
@@ -143,23 +145,21 @@ class Pipeline:
                        lab.scored.k, lab.scored.p, int(lab.label))
             for lab in batch.learned
         ]
-        self._evaluate(result.predictions)
-        field_name = self.drift.config.segment_field
-        for lab, pred in zip(batch.learned, result.predictions, strict=True):
-            segment = lab.impression.context.get(field_name)
-            result.drift += self.drift.update(pred.p, pred.label, pred.timestamp, pred.item_id,
-                                              None if segment is None else str(segment))
+        if result.predictions:
+            preds = result.predictions
+            p = np.array([x.p for x in preds])
+            label = np.array([x.label for x in preds], dtype=np.float64)
+            self.evaluation.update(p, label, np.array([x.k for x in preds], dtype=np.int64))
+            field_name = self.drift.config.segment_field
+            segments = [lab.impression.context.get(field_name) for lab in batch.learned]
+            result.drift = self.drift.update_batch(
+                p, label, np.array([x.timestamp for x in preds]), [x.item_id for x in preds],
+                [None if seg is None else str(seg) for seg in segments])
         if self.learner.meta_due:
             result.meta = self.learner.meta_update()
         for dead in result.dead_letters:
             self.dead_letters[dead.reason] += 1
         self.events.update(result.events)
-
-    def _evaluate(self, predictions: list[Prediction]) -> None:
-        if predictions:
-            self.evaluation.update(np.array([p.p for p in predictions]),
-                                   np.array([p.label for p in predictions], dtype=np.float64),
-                                   np.array([p.k for p in predictions], dtype=np.int64))
 
 
 class _OpsBuilder:

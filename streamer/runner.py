@@ -44,6 +44,7 @@ class RunSummary:
     labelled: int
     dead_letters: int
     versions_published: list[int]
+    busy_seconds: float  # from the first record received to the end of the last micro-batch
 
 
 class Runner:
@@ -55,6 +56,8 @@ class Runner:
         self.version: int | None = None  # newest version on the model topic at start
         self._positions: dict[TopicPartition, int] = {}
         self._drift_logged: dict[tuple[str, str], float] = {}
+        self._busy: tuple[float, float] | None = None  # first record, last batch done
+        self._last_commit = -math.inf
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         if not self.stopping:
@@ -114,6 +117,7 @@ class Runner:
             labelled=pipeline.learner.examples_learned,
             dead_letters=sum(pipeline.dead_letters.values()),
             versions_published=self.publisher.published,
+            busy_seconds=self._busy[1] - self._busy[0] if self._busy else 0.0,
         )
 
     def _loop(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
@@ -135,8 +139,10 @@ class Runner:
                 continue
             last_record = now
             result = pipeline.process(records)
+            self.metrics.observe_freshness(time.time(), records)
             records_total += len(records)
             self._after_batch(cons, prod, pipeline, result, out)
+            self._busy = (self._busy[0] if self._busy else now, time.monotonic())
             if now - last_log >= s.log_every_seconds:
                 self._log_progress(pipeline, records_total, cons)
                 last_log = now
@@ -149,7 +155,7 @@ class Runner:
             self._positions[tp] = msgs[-1].offset + 1
         merged = heapq.merge(*polled.values(), key=lambda m: m.timestamp)
         return [Record(m.value if m.value is not None else b"", m.key, m.topic, m.partition,
-                       m.offset) for m in merged]
+                       m.offset, m.timestamp) for m in merged]
 
     def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
                      result: BatchResult, out: IO[str] | None) -> None:
@@ -177,7 +183,8 @@ class Runner:
             # a refused dead letter must not be committed past: stop, and the
             # records are read again after the restart
             fut.get(timeout=30)
-        self._commit(cons, pipeline)
+        if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
+            self._commit(cons, pipeline)
 
     def _published(self, manifest: Manifest | None) -> None:
         if manifest is not None:
@@ -193,6 +200,7 @@ class Runner:
             offsets[tp] = OffsetAndMetadata(offset, "", -1)
         if not offsets:
             return
+        self._last_commit = time.monotonic()
         try:
             cons.commit(offsets)
         except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
@@ -227,9 +235,10 @@ class Runner:
 
 class _Rebalance(ConsumerRebalanceListener):
     """Forget the positions of revoked partitions (committing them later would move
-    another member's offsets). Nothing to commit here: every processed micro-batch
-    is committed right after it, and kafka-python runs this callback on its I/O
-    thread, where a blocking commit is refused."""
+    another member's offsets). Nothing is committed here: kafka-python runs this
+    callback on its I/O thread, where a blocking commit is refused, so what was
+    processed since the last commit (at most ``commit_interval_ms``) is read again
+    by the partition's next owner: at-least-once."""
 
     def __init__(self, runner: Runner):
         self.runner = runner

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from river import drift as river_drift
 
 from metarec.datasets.synthetic import SyntheticStream
-from metarec.drift import DriftConfig, DriftEvent, DriftMonitor, psi
+from metarec.drift import DriftConfig, DriftEvent, DriftMonitor, PageHinkley, psi
 from metarec.learner import OnlineLearner
 from streamer.pipeline import Pipeline
 from tests.helpers import records, small_settings
@@ -63,3 +64,21 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() -> None:
     assert psi(ref, ref, edges) == pytest.approx(0.0, abs=1e-9)
     small, large = psi(ref, ref + 0.1, edges), psi(ref, ref + 1.0, edges)
     assert 0 < small < 0.1 < 0.25 < large
+
+
+def test_batched_page_hinkley_alarms_where_rivers_does() -> None:
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.random(3000) < 0.3, rng.random(3000) < 0.6,
+                        rng.random(3000) < 0.2]).astype(float)
+    river_ph = river_drift.PageHinkley(threshold=30.0, delta=0.01)
+    want = []
+    for i, v in enumerate(x):
+        river_ph.update(v)
+        if river_ph.drift_detected:
+            want.append(i)
+    ours, got, start = PageHinkley(threshold=30.0, delta=0.01), [], 0
+    for size in rng.integers(1, 700, 100):  # micro-batches of any size
+        got += [start + j for j in ours.update_many(x[start:start + size])]
+        start += int(size)
+    assert len(want) >= 2
+    assert got == want

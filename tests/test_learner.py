@@ -115,3 +115,23 @@ def test_meta_update_is_due_after_n_labels_or_t_seconds() -> None:
     assert not by_time.meta_due
     by_time.last_meta -= 0.06
     assert by_time.meta_due
+
+
+def test_recent_labels_weigh_more_than_old_ones() -> None:
+    """Two new users give the same labels in opposite orders: the one whose latest
+    labels are clicks is scored higher next (users' taste drifts within a session)."""
+    learner = warmed_learner()
+    spec = learner.config.model.features
+    history = [1.0] * 5 + [0.0] * 5
+    imps, kinds, labels = [], [], []
+    for user, ys in (("clicks-last", history[::-1]), ("skips-last", history)):
+        for n, y in enumerate(ys):
+            imps.append(impression(user, f"i{n}", n))
+            kinds.append(LEARN)
+            labels.append(y)
+        imps.append(impression(user, "i99", 99))
+        kinds.append(PREDICT)
+        labels.append(0.0)
+    scores = learner.process(encode(imps, kinds, labels, spec))
+    clicks_last, skips_last = scores.p[10], scores.p[21]
+    assert clicks_last > skips_last + 0.02, (clicks_last, skips_last)

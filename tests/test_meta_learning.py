@@ -5,6 +5,8 @@ the MAML paper: no knowledge shared across users)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from metarec.datasets.synthetic import SyntheticStream
 from metarec.evaluation import auc, logloss
 from metarec.learner import OnlineLearner
 from metarec.meta import Algorithm
+from metarec.model import Adaptation
 from streamer.pipeline import Pipeline, Record
 from tests.helpers import records, small_settings
 
@@ -40,11 +43,15 @@ def first_five(learner: OnlineLearner, recs: list[Record]) -> tuple[float, float
     return auc(p, y), logloss(p, y)
 
 
-@pytest.mark.parametrize("algorithm", list(Algorithm))
+VARIANTS = [{"algorithm": a} for a in Algorithm] + [
+    {"algorithm": Algorithm.FOMAML, "adaptation": Adaptation.PROTOTYPE, "inner_lr": 1.0}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_learned_initialisation_beats_a_random_one_on_new_users_first_five(
-        algorithm: Algorithm) -> None:
+        variant: dict[str, Any]) -> None:
     train, fresh = split_by_arrival(records(STREAM))
-    settings = small_settings(algorithm=algorithm, meta_every=300)
+    settings = small_settings(meta_every=300, **variant)
     pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
     start_phi0 = pipeline.learner.theta["phi0"].clone()
     for i in range(0, len(train), 200):
