@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import torch
 from kafka import KafkaProducer
 
 from metarec import snapshot
@@ -53,35 +56,64 @@ class DirectorySink:
 
 class Publisher:
     """Publishes every ``every`` meta-updates, and at the end whatever was learned
-    since the last version."""
+    since the last version.
 
-    def __init__(self, sink: ModelSink, every: int, version: int | None = None):
+    With ``background``, θ is copied in the caller's thread and compressed and sent
+    in a worker thread (zlib releases the GIL), so a live consumer does not stall
+    for ~100 ms per version; ``on_published`` then hears of each version, in order.
+    """
+
+    def __init__(self, sink: ModelSink, every: int, version: int | None = None, *,
+                 background: bool = False,
+                 on_published: Callable[[Manifest], None] | None = None):
         self.sink = sink
         self.every = every
         self.version = version
         self.published: list[int] = []
+        self.on_published = on_published
         self._metas = 0
         self._learned_at_publish = 0
+        self._worker = ThreadPoolExecutor(1, "metarec-publish") if background else None
+        self._pending: Future[Manifest] | None = None
 
-    def after_meta_update(self, learner: OnlineLearner) -> Manifest | None:
+    def after_meta_update(self, learner: OnlineLearner) -> None:
         self._metas += 1
-        return self.publish(learner) if self._metas >= self.every else None
+        if self._metas >= self.every:
+            self.publish(learner)
 
-    def finish(self, learner: OnlineLearner) -> Manifest | None:
+    def finish(self, learner: OnlineLearner) -> None:
         if learner.examples_learned > self._learned_at_publish:
-            return self.publish(learner)
-        return None
+            self.publish(learner)
+        self._wait()
+        if self._worker is not None:
+            self._worker.shutdown()
 
-    def publish(self, learner: OnlineLearner) -> Manifest:
+    def publish(self, learner: OnlineLearner) -> None:
         version = (self.version or 0) + 1
-        manifest = self.sink.write(
-            snapshot.dumps(learner.theta), version=version, parent=self.version,
-            algorithm=learner.config.meta.algorithm.value,
-            config_hash=config_hash(learner.config), examples_learned=learner.examples_learned)
+        theta = {k: v.detach().clone() for k, v in learner.theta.items()}
+        meta = {"version": version, "parent": self.version,
+                "algorithm": learner.config.meta.algorithm.value,
+                "config_hash": config_hash(learner.config),
+                "examples_learned": learner.examples_learned}
         self.version = version
         self.published.append(version)
         self._metas = 0
         self._learned_at_publish = learner.examples_learned
-        log.info("published model version %d (%d bytes in %d chunk(s))", version,
+        if self._worker is None:
+            self._write(theta, meta)
+            return
+        self._wait()  # one version in flight at a time; a failure surfaces here
+        self._pending = self._worker.submit(self._write, theta, meta)
+
+    def _write(self, theta: dict[str, torch.Tensor], meta: dict[str, Any]) -> Manifest:
+        manifest = self.sink.write(snapshot.dumps(theta), **meta)
+        log.info("published model version %d (%d bytes in %d chunk(s))", manifest.version,
                  manifest.size, len(manifest.chunks))
+        if self.on_published is not None:
+            self.on_published(manifest)
         return manifest
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()

@@ -103,13 +103,14 @@ class Runner:
             stack.callback(cons.close)
             cons.subscribe([s.events_topic], listener=_Rebalance(self))
             self.publisher = Publisher(TopicSink(prod, s.model_topic, s.model_chunk_bytes),
-                                       s.publish_every, self.version)
+                                       s.publish_every, self.version, background=True,
+                                       on_published=self._published)
             out: IO[str] | None = None
             if s.predictions_out is not None:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
             self._loop(cons, prod, pipeline, out)
             # drained: publish what was learned since the last version, then commit
-            self._published(self.publisher.finish(pipeline.learner))
+            self.publisher.finish(pipeline.learner)
             prod.flush()
             self._commit(cons, pipeline)
         return RunSummary(
@@ -176,9 +177,8 @@ class Runner:
             write_predictions(out, result.predictions)
         if result.meta is not None:
             self.metrics.meta_timestamp.set_to_current_time()
-            self._published(self.publisher.after_meta_update(pipeline.learner))
+            self.publisher.after_meta_update(pipeline.learner)
         self.metrics.observe(result, pipeline)
-        prod.flush()
         for fut in dead:
             # a refused dead letter must not be committed past: stop, and the
             # records are read again after the restart
@@ -186,11 +186,10 @@ class Runner:
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000:
             self._commit(cons, pipeline)
 
-    def _published(self, manifest: Manifest | None) -> None:
-        if manifest is not None:
-            self.metrics.model_version.set(manifest.version)
-            self.metrics.published.inc()
-            self.metrics.published_timestamp.set(manifest.created_at)
+    def _published(self, manifest: Manifest) -> None:
+        self.metrics.model_version.set(manifest.version)
+        self.metrics.published.inc()
+        self.metrics.published_timestamp.set(manifest.created_at)
 
     def _commit(self, cons: KafkaConsumer, pipeline: Pipeline) -> None:
         pending = pipeline.joiner.oldest_offsets()
