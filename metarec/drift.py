@@ -264,7 +264,7 @@ class DriftMonitor:
     def update_batch(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
                      item_ids: list[str], segments: list[str | None]) -> list[DriftEvent]:
         """Labelled predictions in stream order; returns the alarms they raised, in
-        event-time order. The same as feeding them one by one, in a tenth of the time."""
+        event-time order; the same as feeding them one at a time."""
         seen = self.item_seen
         novelty = np.empty(len(item_ids))
         for j, item in enumerate(item_ids):
