@@ -29,7 +29,13 @@ class Encoder:
         item_feats = np.zeros((n, spec.item_slots), dtype=np.int64)
         user_feats = np.zeros((n, spec.user_slots), dtype=np.int64)
         context = np.zeros((n, spec.context_slots), dtype=np.int64)
+        first: dict[int, int] = {}  # an impression is often both scored and learned
         for i, imp in enumerate(impressions):
+            j = first.setdefault(id(imp), i)
+            if j != i:
+                item[i], item_feats[i], user_feats[i], context[i] = \
+                    item[j], item_feats[j], user_feats[j], context[j]
+                continue
             item[i] = item_bucket(imp.item_id, spec)
             if imp.item_features:
                 item_feats[i] = self.items.slots(imp.item_id, imp.item_features)

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # publishing, outputs, operations
     publish_every: int = Field(5, ge=1, description="publish a model version every N "
                                "meta-updates (and at shutdown)")
+    publish_min_seconds: float = Field(
+        10.0, ge=0, description="run: at most one model version per this many seconds "
+        "(a version is 12 MB of θ to compress and send; replays publish by count only)")
     model_chunk_bytes: int = Field(900_000, ge=1024, le=900_000,
                                    description="model-topic chunk size (Kafka's default "
                                    "message limit is 1 MB)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -55,8 +57,8 @@ class DirectorySink:
 
 
 class Publisher:
-    """Publishes every ``every`` meta-updates, and at the end whatever was learned
-    since the last version.
+    """Publishes every ``every`` meta-updates (at most one version per
+    ``min_seconds``), and at the end whatever was learned since the last version.
 
     With ``background``, θ is copied in the caller's thread and compressed and sent
     in a worker thread (zlib releases the GIL), so a live consumer does not stall
@@ -64,10 +66,12 @@ class Publisher:
     """
 
     def __init__(self, sink: ModelSink, every: int, version: int | None = None, *,
-                 background: bool = False,
+                 min_seconds: float = 0.0, background: bool = False,
                  on_published: Callable[[Manifest], None] | None = None):
         self.sink = sink
         self.every = every
+        self.min_seconds = min_seconds
+        self._last = -math.inf
         self.version = version
         self.published: list[int] = []
         self.on_published = on_published
@@ -78,7 +82,7 @@ class Publisher:
 
     def after_meta_update(self, learner: OnlineLearner) -> None:
         self._metas += 1
-        if self._metas >= self.every:
+        if self._metas >= self.every and time.monotonic() - self._last >= self.min_seconds:
             self.publish(learner)
 
     def finish(self, learner: OnlineLearner) -> None:
@@ -99,6 +103,7 @@ class Publisher:
         self.published.append(version)
         self._metas = 0
         self._learned_at_publish = learner.examples_learned
+        self._last = time.monotonic()
         if self._worker is None:
             self._write(theta, meta)
             return

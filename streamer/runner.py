@@ -103,7 +103,8 @@ class Runner:
             stack.callback(cons.close)
             cons.subscribe([s.events_topic], listener=_Rebalance(self))
             self.publisher = Publisher(TopicSink(prod, s.model_topic, s.model_chunk_bytes),
-                                       s.publish_every, self.version, background=True,
+                                       s.publish_every, self.version,
+                                       min_seconds=s.publish_min_seconds, background=True,
                                        on_published=self._published)
             out: IO[str] | None = None
             if s.predictions_out is not None:

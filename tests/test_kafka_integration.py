@@ -50,6 +50,7 @@ class Topics:
                 "--drift-topic", self.drift,
                 "--partitions", "3", "--item-buckets", "16384", "--feature-buckets", "1024",
                 "--meta-every", "400", "--meta-users", "64", "--publish-every", "2",
+                "--publish-min-seconds", "0",
                 "--max-batch-records", "300", "--log-every-seconds", "1",
                 # small chunks, so that even this small model travels in several
                 "--model-chunk-bytes", "16384"]
