@@ -20,7 +20,8 @@ Sections (``--only`` picks some):
 - ``meta``: one meta-update over 256 users' tasks, per algorithm.
 
 Speeds are medians over the repeats (min-max); ratios are to a baseline measured
-in the same run.
+in the same run. ``BENCH_VERBOSE=1`` also prints the consumer's log and histograms
+in the latency section.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -252,14 +254,15 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
     # serialised up front, so that the producer's JSON encoding does not take CPU from
     # the consumer on a small machine (latency is measured from the broker's append time)
     events = [(e["user_id"].encode(), json.dumps(e).encode()) for e in stream.events()]
-    with EmbeddedBroker() as broker:
+    # the consumer's log goes to a file: a pipe nobody reads would block it when full
+    with EmbeddedBroker() as broker, tempfile.TemporaryFile() as log_file:
         settings = Settings(bootstrap_servers=broker.bootstrap, events_topic=topic)
         kafka_io.ensure_topics(broker.bootstrap, settings)
         env = {**os.environ, "METAREC_BOOTSTRAP_SERVERS": broker.bootstrap,
                "METAREC_EVENTS_TOPIC": topic, "METAREC_METRICS_PORT": str(port),
                "METAREC_GROUP_ID": "latency", "METAREC_IDLE_EXIT_SECONDS": "5"}
         proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=log_file)
         prod = kafka_io.producer(broker.bootstrap)
         try:
             sent = 0
@@ -303,9 +306,10 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
         finally:
             prod.close()
             proc.terminate()
-            _, err = proc.communicate(timeout=60)
+            proc.wait(60)
             if os.environ.get("BENCH_VERBOSE"):
-                print(err.decode(), file=sys.stderr)
+                log_file.seek(0)
+                print(log_file.read().decode(), file=sys.stderr)
     window = [(le, count - before) for (le, count), (_, before) in zip(end, start, strict=True)]
     p50, p99 = quantile(0.5, window), quantile(0.99, window)
     return [f"### Event-to-update latency: `metarec run` at {rate:,} events/s for {seconds} s", "",
