@@ -103,14 +103,17 @@ class OnlineLearner:
         rows = users.rows_for(ops.user, self.theta["phi0"])
         users.set_features(rows, ops.user_feats)
         self.items.update(ops.item, ops.item_feats)
-        self._start_items(ops.item[ops.kind == LEARN])
+        learn_ops = np.flatnonzero(ops.kind == LEARN)
+        self._start_items(ops.item[learn_ops])
         learn_phi = np.zeros((n, self.config.model.phi_dim), dtype=np.float32)
-        with torch.no_grad():
-            # θ is fixed until the batch ends: represent every op, and every buffered
-            # example of the users who learn, once; the waves only gather.
-            q_t, base_t = represent(self.theta, self._examples(ops, rows, np.arange(n)))
-        q, base = q_t.numpy(), base_t.numpy()
-        learning = rows[ops.kind == LEARN]
+        # θ is fixed until the batch ends: represent every op once, differentiably for
+        # θ's online step at the end, and every buffered example of the users who
+        # learn; the waves only gather.
+        view = Localized(self.theta, [self._examples(ops, rows, np.arange(n))],
+                         dense=("global_bias",))
+        q_t, base_t = represent(view.theta, view.batches[0])
+        q, base = q_t.detach().numpy(), base_t.detach().numpy()
+        learning = rows[learn_ops]
         ring = _BatchRing(self, np.unique(learning), learning)
         wave, rank = _waves(rows, ops.kind)
         # one segment per wave: its predictions first, then its labels by rank
@@ -133,10 +136,15 @@ class OnlineLearner:
                     ring.push(rows[sel], q[sel], base[sel], ops.label[sel])
                     users.push(rows[sel], ops.item[sel], ops.context[sel], ops.label[sel])
                 ring.adapt(np.unique(lr_rows) if ranks[-1] else lr_rows)
-        learned = int((ops.kind == LEARN).sum())
-        self.examples_learned += learned
-        self.since_meta += learned
-        self._online_step(ops, rows, learn_phi)
+        self.examples_learned += len(learn_ops)
+        self.since_meta += len(learn_ops)
+        if len(learn_ops):
+            # θ's step, on each label scored with the fast weights it met. A sum, not
+            # a mean: each example's gradient counts in full, however many share the
+            # micro-batch (the batch size is an I/O choice, not a model one).
+            z = logit(torch.from_numpy(learn_phi[learn_ops]), q_t[learn_ops], base_t[learn_ops])
+            loss = bce(z, torch.from_numpy(ops.label[learn_ops])) * len(learn_ops)
+            self.online_opt.step(self.theta, gradients(loss, view), self.config.online_lr, view)
         return Scores(p, k)
 
     def _start_items(self, items: np.ndarray) -> None:
@@ -154,18 +162,6 @@ class OnlineLearner:
         user_feats = np.concatenate([self.users.features[rows[idx]], ops.context[idx]], axis=1)
         return Examples(torch.from_numpy(ops.item[idx]), torch.from_numpy(ops.item_feats[idx]),
                         torch.from_numpy(user_feats.astype(np.int64)))
-
-    def _online_step(self, ops: Ops, rows: np.ndarray, learn_phi: np.ndarray) -> None:
-        learn = np.flatnonzero(ops.kind == LEARN)
-        if not len(learn):
-            return
-        view = Localized(self.theta, [self._examples(ops, rows, learn)], dense=("global_bias",))
-        q, base = represent(view.theta, view.batches[0])
-        z = logit(torch.from_numpy(learn_phi[learn]), q, base)
-        # A sum, not a mean: each example's gradient counts in full, however many
-        # share the micro-batch (the batch size is an I/O choice, not a model one).
-        loss = bce(z, torch.from_numpy(ops.label[learn].astype(np.float32))) * len(learn)
-        self.online_opt.step(self.theta, gradients(loss, view), self.config.online_lr, view)
 
     # -- meta-update -------------------------------------------------------------------
 
