@@ -21,6 +21,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, Field
 from river import drift
 
@@ -196,6 +197,8 @@ class _Segment:
                novelty: np.ndarray, latest_psi: dict[tuple[str, str], float]) -> list[DriftEvent]:
         out: list[DriftEvent] = []
         m, n0, warmup = len(p), self.n, self.config.warmup
+        if m == 0:
+            return out
         self.n += m
         first = max(0, warmup - n0)  # the first index past the warm-up: alarms count
 
@@ -205,14 +208,10 @@ class _Segment:
         q = np.clip(p, 1e-7, 1 - 1e-7)
         loss = -(label * np.log(q) + (1 - label) * np.log(1 - q))
         adwin = self.adwin
-        # moving averages, kept per example: "from what to what" for the alarms
-        ewma = np.empty((m, 4))
-        avg = [self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast]
         # ADWIN's window only grows between detections: its mean is tracked here,
         # and read back from ADWIN after a detection (and after the reset that follows)
         total, width, resync = adwin.total, adwin.width, False
-        for j, (x, y, s) in enumerate(zip(loss.tolist(), label.tolist(), p.tolist(),
-                                          strict=True)):
+        for j, x in enumerate(loss.tolist()):
             before = total / width if width else 0.0
             adwin.update(x)
             if adwin.drift_detected or resync:
@@ -222,14 +221,11 @@ class _Segment:
                                           total / width))
             else:
                 total, width = total + x, width + 1
-            n = n0 + j + 1
-            slow, fast = 1 / min(n, 2000), 1 / min(n, 200)
-            avg[0] += slow * (y - avg[0])
-            avg[1] += fast * (y - avg[1])
-            avg[2] += slow * (s - avg[2])
-            avg[3] += fast * (s - avg[3])
-            ewma[j] = avg
-        self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast = avg
+        # moving averages, kept per example: "from what to what" for the alarms
+        ewma = np.empty((m, 4))
+        _moving_averages(label, p, n0, np.array([self.ctr_slow, self.ctr_fast, self.score_slow,
+                                                 self.score_fast]), ewma)
+        self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast = ewma[-1].tolist()
         for signal, ph, values, col in (("click_rate", self.ph_ctr, label, 0),
                                         ("score", self.ph_score, p, 2)):
             for j in ph.update_many(values):
@@ -245,6 +241,22 @@ class _Segment:
                     out.append(DriftEvent(signal, "psi", self.name, *at(first + j), ref_mean,
                                           cur_mean))
         return out
+
+
+@njit(cache=True)
+def _moving_averages(label: np.ndarray, score: np.ndarray, n0: int, start: np.ndarray,
+                     out: np.ndarray) -> None:
+    """Slow (~2,000 examples) and fast (~200) moving averages of the label and the
+    score after each example, from ``start`` after ``n0`` examples: ``out`` m x 4."""
+    avg = start.copy()
+    for j in range(label.shape[0]):
+        n = n0 + j + 1
+        slow, fast = 1.0 / min(n, 2000), 1.0 / min(n, 200)
+        avg[0] += slow * (label[j] - avg[0])
+        avg[1] += fast * (label[j] - avg[1])
+        avg[2] += slow * (score[j] - avg[2])
+        avg[3] += fast * (score[j] - avg[3])
+        out[j] = avg
 
 
 class DriftMonitor:

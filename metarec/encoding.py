@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from metarec.events import Impression
-from metarec.features import FeatureSpec, SlotCache, item_bucket, slots
+from metarec.features import FeatureSpec, SlotCache, slots
 from metarec.learner import Ops
 
 
@@ -16,40 +16,42 @@ class Encoder:
 
     def __init__(self, spec: FeatureSpec):
         self.spec = spec
-        self.items = SlotCache(spec.item_slots, spec)
+        self.items = SlotCache(spec.item_slots, spec, "item=")
         self.users = SlotCache(spec.user_slots, spec)
 
     def encode(self, impressions: Sequence[Impression], kinds: Sequence[int],
                labels: Sequence[float]) -> Ops:
         """One op per impression: ``kinds[i]`` is PREDICT or LEARN (then ``labels[i]``
-        counts)."""
+        counts). An impression is often both scored and learned in one batch: each
+        distinct one is encoded once."""
         spec = self.spec
-        n = len(impressions)
-        item = np.empty(n, dtype=np.int64)
-        item_feats = np.zeros((n, spec.item_slots), dtype=np.int64)
-        user_feats = np.zeros((n, spec.user_slots), dtype=np.int64)
-        context = np.zeros((n, spec.context_slots), dtype=np.int64)
-        first: dict[int, int] = {}  # an impression is often both scored and learned
+        index: dict[int, int] = {}
+        src = np.empty(len(impressions), dtype=np.int64)
+        items: list[int] = []
+        item_feats: list[tuple[int, ...]] = []
+        user_feats: list[tuple[int, ...]] = []
+        context: list[tuple[int, ...]] = []
+        no_user = (0,) * spec.user_slots
+        no_context = (0,) * spec.context_slots
         for i, imp in enumerate(impressions):
-            j = first.setdefault(id(imp), i)
-            if j != i:
-                item[i], item_feats[i], user_feats[i], context[i] = \
-                    item[j], item_feats[j], user_feats[j], context[j]
-                continue
-            item[i] = item_bucket(imp.item_id, spec)
-            if imp.item_features:
-                item_feats[i] = self.items.slots(imp.item_id, imp.item_features)
-            if imp.user_features:
-                user_feats[i] = self.users.slots(imp.user_id, imp.user_features)
-            if imp.context:
-                context[i] = slots(imp.context, spec.context_slots, spec)
+            j = index.get(id(imp))
+            if j is None:
+                j = index[id(imp)] = len(items)
+                bucket, feats = self.items.get(imp.item_id, imp.item_features)
+                items.append(bucket)
+                item_feats.append(feats)
+                user_feats.append(self.users.get(imp.user_id, imp.user_features)[1]
+                                  if imp.user_features else no_user)
+                context.append(tuple(slots(imp.context, spec.context_slots, spec).tolist())
+                               if imp.context else no_context)
+            src[i] = j
         return Ops(
             user=[imp.user_id for imp in impressions],
             kind=np.asarray(kinds, dtype=np.int64),
-            item=item,
-            item_feats=item_feats,
-            user_feats=user_feats,
-            context=context,
+            item=np.array(items, dtype=np.int64)[src],
+            item_feats=np.array(item_feats, dtype=np.int64).reshape(-1, spec.item_slots)[src],
+            user_feats=np.array(user_feats, dtype=np.int64).reshape(-1, spec.user_slots)[src],
+            context=np.array(context, dtype=np.int64).reshape(-1, spec.context_slots)[src],
             label=np.asarray(labels, dtype=np.float32),
         )
 

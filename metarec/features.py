@@ -33,10 +33,6 @@ def _bucket(token: str, buckets: int) -> int:
     return zlib.crc32(token.encode()) % (buckets - 1) + 1
 
 
-def item_bucket(item_id: str, spec: FeatureSpec) -> int:
-    return _bucket("item=" + item_id, spec.item_buckets)
-
-
 def tokens(features: Mapping[str, FeatureValue]) -> list[str]:
     out: list[str] = []
     for field, value in features.items():
@@ -56,20 +52,24 @@ def slots(features: Mapping[str, FeatureValue], width: int, spec: FeatureSpec) -
 
 
 class SlotCache:
-    """The slots of the features last seen for each key (an item or a user id).
-    Events repeat their item's and user's features; hashing them again was a
-    fifth of a replay's time. A changed mapping is hashed anew."""
+    """The slots of the features last seen for each key (an item or a user id), as a
+    tuple, and the key's own bucket in the item table when ``prefix`` is given.
+    Events repeat their item's and user's features; hashing them again was a fifth
+    of a replay's time. A changed mapping is hashed anew."""
 
-    def __init__(self, width: int, spec: FeatureSpec, max_keys: int = 1 << 20):
-        self.width, self.spec, self.max_keys = width, spec, max_keys
-        self._seen: dict[str, tuple[Mapping[str, FeatureValue], np.ndarray]] = {}
+    def __init__(self, width: int, spec: FeatureSpec, prefix: str | None = None,
+                 max_keys: int = 1 << 20):
+        self.width, self.spec, self.prefix, self.max_keys = width, spec, prefix, max_keys
+        self._seen: dict[str, tuple[Mapping[str, FeatureValue], int, tuple[int, ...]]] = {}
 
-    def slots(self, key: str, features: Mapping[str, FeatureValue]) -> np.ndarray:
+    def get(self, key: str, features: Mapping[str, FeatureValue]) -> tuple[int, tuple[int, ...]]:
+        """(bucket of the key, slots of its features)."""
         hit = self._seen.get(key)
         if hit is not None and hit[0] == features:
-            return hit[1]
-        found = slots(features, self.width, self.spec)
+            return hit[1], hit[2]
+        found = tuple(slots(features, self.width, self.spec).tolist())
+        bucket = 0 if self.prefix is None else _bucket(self.prefix + key, self.spec.item_buckets)
         if len(self._seen) >= self.max_keys:
             self._seen.clear()
-        self._seen[key] = (features, found)
-        return found
+        self._seen[key] = (features, bucket, found)
+        return bucket, found

@@ -65,6 +65,7 @@ class Joiner:
     _orphans: OrderedDict[str, float] = field(default_factory=OrderedDict)
     _high: dict[int, float] = field(default_factory=dict)  # partition -> highest event time
     _heard: dict[int, float] = field(default_factory=dict)  # partition -> last wall time
+    _last_now: float | None = None  # wall time of the last watermark computation
 
     @property
     def pending(self) -> int:
@@ -81,13 +82,21 @@ class Joiner:
                 now: float | None = None) -> list[Labelled]:
         """Move the watermark with an event's time; close the windows it passes.
         ``now`` (monotonic wall time) marks the partition active; None: always active."""
-        if timestamp > self._high.get(partition, -math.inf):
-            self._high[partition] = timestamp
         if now is not None:
             self._heard[partition] = now
-        active = [t for p, t in self._high.items()
-                  if now is None or now - self._heard.get(p, now) <= self.idle_after]
-        self.watermark = max(self.watermark, min(active) - self.lateness)
+        if timestamp > self._high.get(partition, -math.inf):
+            self._high[partition] = timestamp
+        elif now == self._last_now:
+            # no partition's high rose and none fell idle: the watermark cannot move,
+            # and everything it had passed is already closed
+            return []
+        self._last_now = now
+        if len(self._high) == 1:  # one source partition, the one that just delivered
+            low = self._high[partition]
+        else:
+            low = min(t for p, t in self._high.items()
+                      if now is None or now - self._heard.get(p, now) <= self.idle_after)
+        self.watermark = max(self.watermark, low - self.lateness)
         out: list[Labelled] = []
         while self._deadlines and self._deadlines[0][0] < self.watermark:
             _, imp_id = heapq.heappop(self._deadlines)

@@ -2,11 +2,11 @@
 
 A micro-batch is a stream-ordered list of operations, each *predict* (score an
 impression with its user's current fast weights) or *learn* (a labelled example
-of that user). Users are independent, so the batch runs in waves: wave j holds
-every user's j-th step, where a step is the user's next predictions followed by
-their next labels. One tensor program per wave scores or adapts every user in
-it, and each user's operations still happen strictly in their own order, so a
-prediction always reflects every label the user gave before it.
+of that user). θ is fixed within a batch, so every op is represented in one
+tensor program; the chain of each user's predictions and fast-weight steps then
+runs in stream order in one compiled call (:func:`metarec.kernels.serve`), so a
+prediction always reflects every label the user gave before it. θ takes its
+online step at the end of the batch, on every label as it was scored.
 """
 
 from __future__ import annotations
@@ -19,21 +19,18 @@ import torch
 from pydantic import BaseModel, Field
 
 from metarec import kernels
-from metarec.meta import Algorithm, MetaConfig, learned_names, meta_loss, reptile_direction
+from metarec.kernels import LEARN, PREDICT
+from metarec.meta import Algorithm, MetaConfig, learned_names, meta_loss
 from metarec.model import (
-    Examples,
+    Adaptation,
     ModelConfig,
     Theta,
-    bce,
     init_theta,
-    logit,
-    represent,
 )
 from metarec.optim import Adagrad, Localized, gradients
 from metarec.users import ItemFeatures, UserStore
 
-PREDICT = 0
-LEARN = 1
+__all__ = ["LEARN", "PREDICT", "LearnerConfig", "OnlineLearner", "Ops", "Scores"]
 
 
 class LearnerConfig(BaseModel):
@@ -82,6 +79,13 @@ class OnlineLearner:
         self.users = UserStore(m.phi_dim, config.task_size, m.features.user_slots,
                                m.features.context_slots, self.items)
         self.online_opt = Adagrad(self.theta)
+        # zeroed gradient rows and touched-flags the size of the item and feature
+        # tables, for the compiled online step (it leaves them zero again)
+        f = m.features
+        self._scratch = (np.zeros((f.item_buckets, m.phi_dim), dtype=np.float32),
+                         np.zeros((f.feature_buckets, m.phi_dim), dtype=np.float32),
+                         np.zeros(f.item_buckets, dtype=np.bool_),
+                         np.zeros(f.feature_buckets, dtype=np.bool_))
         self.meta_opt = Adagrad(self.theta)
         self.rng = np.random.default_rng(config.seed)
         self.examples_learned = 0
@@ -105,47 +109,57 @@ class OnlineLearner:
         self.items.update(ops.item, ops.item_feats)
         learn_ops = np.flatnonzero(ops.kind == LEARN)
         self._start_items(ops.item[learn_ops])
+        # θ is fixed until the batch ends: represent every op once, and every buffered
+        # example of the users who learn; the compiled loop then only scores and
+        # steps users, in stream order.
+        user_feats = np.concatenate([users.features[rows], ops.context], axis=1)
+        q, base, side = self._represent(ops.item, ops.item_feats, user_feats)
+        task = _BatchTask(self, rows[learn_ops])
+        # the weights each example meets before it is learned: θ's online step
+        # trains on exactly the situation a prediction is made in
         learn_phi = np.zeros((n, self.config.model.phi_dim), dtype=np.float32)
-        # θ is fixed until the batch ends: represent every op once, differentiably for
-        # θ's online step at the end, and every buffered example of the users who
-        # learn; the waves only gather.
-        view = Localized(self.theta, [self._examples(ops, rows, np.arange(n))],
-                         dense=("global_bias",))
-        q_t, base_t = represent(view.theta, view.batches[0])
-        q, base = q_t.detach().numpy(), base_t.detach().numpy()
-        learning = rows[learn_ops]
-        ring = _BatchRing(self, np.unique(learning), learning)
-        wave, rank = _waves(rows, ops.kind)
-        # one segment per wave: its predictions first, then its labels by rank
-        order = np.lexsort((rank, ops.kind, wave))
-        for seg in np.split(order, np.flatnonzero(np.diff(wave[order])) + 1):
-            kind = ops.kind[seg]
-            pred, learn = seg[kind == PREDICT], seg[kind == LEARN]
-            if len(pred):
-                pr = rows[pred]
-                p[pred] = kernels.sigmoid(kernels.logit(users.phi[pr], q[pred], base[pred]))
-                k[pred] = users.learned[pr]
-            if len(learn):
-                lr_rows = rows[learn]
-                # the weights each example meets before it is learned: θ's online
-                # step trains on exactly the situation a prediction is made in
-                learn_phi[learn] = users.phi[lr_rows]
-                ranks = rank[learn]
-                for r in range(int(ranks[-1]) + 1):  # a user's labels in order
-                    sel = learn[ranks == r] if ranks[-1] else learn
-                    ring.push(rows[sel], q[sel], base[sel], ops.label[sel])
-                    users.push(rows[sel], ops.item[sel], ops.context[sel], ops.label[sel])
-                ring.adapt(np.unique(lr_rows) if ranks[-1] else lr_rows)
+        m = self.config.model
+        kernels.serve(
+            rows, ops.kind, ops.label, q, base, task.index(rows), ops.item, ops.context,
+            users.phi, users.learned, users.ring_item, users.ring_context, users.ring_label,
+            task.rows, task.q, task.base, task.y, task.mask, task.decay, task.lr, task.phi0,
+            m.inner_l2, m.inner_steps, m.adaptation is Adaptation.PROTOTYPE, p, k, learn_phi)
         self.examples_learned += len(learn_ops)
         self.since_meta += len(learn_ops)
         if len(learn_ops):
-            # θ's step, on each label scored with the fast weights it met. A sum, not
-            # a mean: each example's gradient counts in full, however many share the
-            # micro-batch (the batch size is an I/O choice, not a model one).
-            z = logit(torch.from_numpy(learn_phi[learn_ops]), q_t[learn_ops], base_t[learn_ops])
-            loss = bce(z, torch.from_numpy(ops.label[learn_ops])) * len(learn_ops)
-            self.online_opt.step(self.theta, gradients(loss, view), self.config.online_lr, view)
+            self._online_step(ops, learn_ops, user_feats, q, base, side, learn_phi[learn_ops])
         return Scores(p, k)
+
+    def _represent(self, item: np.ndarray, item_feats: np.ndarray,
+                   user_feats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`metarec.model.represent` under the current θ, compiled, for examples
+        of any leading shape: ``q``, ``base`` and the user side."""
+        shape, d = item.shape, self.config.model.dim
+        n = item.size
+        q = np.empty((n, d), dtype=np.float32)
+        side = np.empty((n, d), dtype=np.float32)
+        base = np.empty(n, dtype=np.float32)
+        t = self.theta
+        kernels.represent(item.reshape(n), item_feats.reshape(n, -1), user_feats.reshape(n, -1),
+                          t["item_emb"].numpy(), t["item_bias"].numpy(), t["feat_emb"].numpy(),
+                          t["feat_bias"].numpy(), float(t["global_bias"]), q, base, side)
+        return q.reshape(*shape, d), base.reshape(shape), side.reshape(*shape, d)
+
+    def _online_step(self, ops: Ops, learn: np.ndarray, user_feats: np.ndarray, q: np.ndarray,
+                     base: np.ndarray, side: np.ndarray, phi: np.ndarray) -> None:
+        """θ's Adagrad step on each label scored with the fast weights it met. The
+        loss is a sum, not a mean: each example's gradient counts in full, however
+        many share the micro-batch (the batch size is an I/O choice, not a model one)."""
+        z = kernels.logits(phi, q[learn], base[learn])
+        err = (1.0 / (1.0 + np.exp(-z)) - ops.label[learn]).astype(np.float32)
+        t, acc = self.theta, self.online_opt.acc
+        kernels.online_step(
+            ops.item[learn], ops.item_feats[learn], user_feats[learn], q[learn], side[learn],
+            err, phi, t["item_emb"].numpy(), t["item_bias"].numpy(), t["feat_emb"].numpy(),
+            t["feat_bias"].numpy(), t["global_bias"].numpy(), acc["item_emb"].numpy(),
+            acc["item_bias"].numpy(), acc["feat_emb"].numpy(), acc["feat_bias"].numpy(),
+            acc["global_bias"].numpy(), *self._scratch, self.config.online_lr,
+            self.online_opt.eps)
 
     def _start_items(self, items: np.ndarray) -> None:
         """Random start for item rows about to be learned from for the first time.
@@ -157,11 +171,6 @@ class OnlineLearner:
             start = self.rng.standard_normal((len(new), self.config.model.dim)) * scale
             self.theta["item_emb"][new] = torch.from_numpy(start.astype(np.float32))
             self.item_started[new] = True
-
-    def _examples(self, ops: Ops, rows: np.ndarray, idx: np.ndarray) -> Examples:
-        user_feats = np.concatenate([self.users.features[rows[idx]], ops.context[idx]], axis=1)
-        return Examples(torch.from_numpy(ops.item[idx]), torch.from_numpy(ops.item_feats[idx]),
-                        torch.from_numpy(user_feats.astype(np.int64)))
 
     # -- meta-update -------------------------------------------------------------------
 
@@ -187,12 +196,12 @@ class OnlineLearner:
             return None
         if len(eligible) > cfg.users_per_update:
             eligible = np.sort(self.rng.choice(eligible, cfg.users_per_update, replace=False))
-        tasks, y, mask = self.users.task(eligible)
         if cfg.algorithm is Algorithm.REPTILE:
-            direction = reptile_direction(self.theta, tasks, y, mask, self.config.model)
-            self.meta_opt.step(self.theta, {"phi0": direction}, cfg.lr)
+            direction = self._reptile_direction(eligible)
+            self.meta_opt.step(self.theta, {"phi0": torch.from_numpy(direction)}, cfg.lr)
             loss = float("nan")
         else:
+            tasks, y, mask = self.users.task(eligible)
             view = Localized(self.theta, [tasks], dense=learned_names(cfg.algorithm))
             loss_t = meta_loss(view.theta, view.batches[0], y, mask, self.config.model,
                                cfg.algorithm)
@@ -205,59 +214,41 @@ class OnlineLearner:
         return MetaReport(len(eligible), loss, time.perf_counter() - t0)
 
 
-class _BatchRing:
-    """The task buffers of a micro-batch's learning users, already represented
-    under the batch's θ, kept in step with :class:`UserStore` as labels arrive."""
+    def _reptile_direction(self, rows: np.ndarray) -> np.ndarray:
+        """:func:`metarec.meta.reptile_direction` on these users' tasks, compiled:
+        Reptile needs no gradient through θ, only each user's adapted weights."""
+        item, item_feats, user_feats, y, mask = self.users.task_arrays(rows)
+        q, base, _ = self._represent(item, item_feats, user_feats)
+        m, t = self.config.model, self.theta
+        phi0 = t["phi0"].numpy()
+        phi = np.repeat(phi0[None, :], len(rows), axis=0)
+        kernels.adapt_tasks(phi, q, base, y, mask, t["log_inner_lr"].exp().numpy(), phi0,
+                            m.inner_l2, m.inner_steps, m.adaptation is Adaptation.PROTOTYPE)
+        return phi0 - phi.mean(0)
 
-    def __init__(self, learner: OnlineLearner, rows: np.ndarray, pushes: np.ndarray):
-        self.users = learner.users
-        self.config = learner.config.model
-        self.rows = rows  # sorted, unique
+
+class _BatchTask:
+    """The tasks of a micro-batch's learning users by ring slot, represented under
+    the batch's θ; the compiled loop keeps them in step with the store's rings."""
+
+    def __init__(self, learner: OnlineLearner, learning: np.ndarray):
+        users, m = learner.users, learner.config.model
+        self.rows = np.unique(learning)
         # Only the slots this batch can reach: a young user fills slots 0, 1, ...,
         # so new users cost their few examples, not a whole ring.
-        reach = self.users.learned[rows] + np.bincount(np.searchsorted(rows, pushes),
-                                                        minlength=len(rows))
-        self.width = int(min(self.users.ring, reach.max(initial=0)))
-        task, y, mask = self.users.ring_view(rows, self.width)
-        with torch.no_grad():
-            q, base = represent(learner.theta, task)
-            self.lr = learner.theta["log_inner_lr"].exp().numpy()
-            self.phi0 = learner.theta["phi0"].numpy().copy()
-        self.q, self.base, self.y, self.mask = q.numpy(), base.numpy(), y.numpy(), mask.numpy()
+        reach = users.learned[self.rows] + np.bincount(np.searchsorted(self.rows, learning),
+                                                        minlength=len(self.rows))
+        width = int(min(users.ring, reach.max(initial=0)))
+        item, item_feats, user_feats, self.y, self.mask = users.ring_view(self.rows, width)
+        self.q, self.base, _ = learner._represent(item, item_feats, user_feats)
+        self.lr = learner.theta["log_inner_lr"].exp().numpy()
+        self.phi0 = learner.theta["phi0"].numpy().copy()
         # weight of a slot by its age (labels given since it was written)
-        self.decay = self.config.recency ** np.arange(self.users.ring, dtype=np.float32)
+        self.decay = m.recency ** np.arange(users.ring, dtype=np.float32)
 
-    def push(self, rows: np.ndarray, q: np.ndarray, base: np.ndarray,
-             label: np.ndarray) -> None:
-        j = np.searchsorted(self.rows, rows)
-        slot = self.users.learned[rows] % self.users.ring
-        self.q[j, slot] = q
-        self.base[j, slot] = base
-        self.y[j, slot] = label
-        self.mask[j, slot] = 1.0
-
-    def adapt(self, rows: np.ndarray) -> None:
-        j = np.searchsorted(self.rows, rows)
-        users = self.users
-        age = (users.learned[rows, None] - 1 - np.arange(self.width)) % users.ring
-        weight = self.mask[j] * self.decay[age]
-        users.phi[rows] = kernels.adapt(users.phi[rows], self.q[j], self.base[j], self.y[j],
-                                        weight, self.lr, self.phi0, self.config)
-
-
-def _waves(rows: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Wave of each op (a user's step number: a prediction after a label starts a
-    new step) and rank of each label among its user's labels in the same wave."""
-    wave = np.empty(len(rows), dtype=np.int64)
-    rank = np.zeros(len(rows), dtype=np.int64)
-    state: dict[int, tuple[int, int, int]] = {}  # row -> (wave, last kind, labels in wave)
-    for i, (r, kd) in enumerate(zip(rows.tolist(), kind.tolist(), strict=True)):
-        w, last, labels = state.get(r, (0, PREDICT, 0))
-        if kd == PREDICT and last == LEARN:
-            w, labels = w + 1, 0
-        if kd == LEARN:
-            rank[i] = labels
-            labels += 1
-        wave[i] = w
-        state[r] = (w, kd, labels)
-    return wave, rank
+    def index(self, rows: np.ndarray) -> np.ndarray:
+        """Each user row's task, -1 for users who only predict in this batch."""
+        if not len(self.rows):
+            return np.full(len(rows), -1, dtype=np.int64)
+        j = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[j] == rows, j, -1)

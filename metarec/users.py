@@ -84,35 +84,32 @@ class UserStore:
         has = features.any(axis=1)
         self.features[rows[has]] = features[has]
 
-    def push(self, rows: np.ndarray, item: np.ndarray, context: np.ndarray,
-             label: np.ndarray) -> None:
-        """Append one example to each of ``rows`` (distinct users)."""
-        slot = self.learned[rows] % self.ring
-        self.ring_item[rows, slot] = item
-        self.ring_context[rows, slot] = context
-        self.ring_label[rows, slot] = label
-        self.learned[rows] += 1
-
-    def ring_view(self, rows: np.ndarray,
-                  width: int | None = None) -> tuple[Examples, torch.Tensor, torch.Tensor]:
-        """Each user's buffered examples by ring slot (not time-ordered; the first
-        ``width`` slots): enough for a loss that is a mean over them."""
-        j = np.arange(self.ring if width is None else width)
+    def ring_view(self, rows: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+        """Each user's first ``width`` ring slots (not time-ordered: enough for a loss
+        that is a weighted mean over them), as numpy: item, item features, user
+        features (user's + context), label, mask; n x width leading."""
+        j = np.arange(width)
         mask = j[None, :] < np.minimum(self.learned[rows], self.ring)[:, None]
-        return self._gather(rows, np.broadcast_to(j, (len(rows), len(j))), mask)
+        return self._gather(rows, np.broadcast_to(j, (len(rows), width)), mask)
 
     def task(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
         """Each user's buffered examples, oldest first: (examples n x R, labels, mask)."""
+        item, item_feats, user_feats, label, mask = self.task_arrays(rows)
+        examples = Examples(torch.from_numpy(item), torch.from_numpy(item_feats),
+                            torch.from_numpy(user_feats))
+        return examples, torch.from_numpy(label), torch.from_numpy(mask)
+
+    def task_arrays(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """:meth:`task` as the numpy arrays of :meth:`ring_view`."""
         n_seen = self.learned[rows]
         length = np.minimum(n_seen, self.ring)
         # position j of the time-ordered task is ring slot (n_seen - length + j) % ring
         j = np.arange(self.ring)
         slot = (n_seen[:, None] - length[:, None] + j) % self.ring
-        mask = j[None, :] < length[:, None]
-        return self._gather(rows, slot, mask)
+        return self._gather(rows, slot, j[None, :] < length[:, None])
 
     def _gather(self, rows: np.ndarray, slot: np.ndarray,
-                mask: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
+                mask: np.ndarray) -> tuple[np.ndarray, ...]:
         r = rows[:, None]
         user_feats = np.concatenate(
             [np.broadcast_to(self.features[rows][:, None, :],
@@ -120,10 +117,6 @@ class UserStore:
              self.ring_context[r, slot]], axis=-1,
         )
         item = self.ring_item[r, slot]
-        examples = Examples(
-            torch.from_numpy(item.astype(np.int64)),
-            torch.from_numpy(self.items.table[item].astype(np.int64)),
-            torch.from_numpy(user_feats.astype(np.int64)),
-        )
-        return (examples, torch.from_numpy(self.ring_label[r, slot].astype(np.float32)),
-                torch.from_numpy(mask.astype(np.float32)))
+        return (item.astype(np.int64), self.items.table[item].astype(np.int64),
+                user_feats.astype(np.int64), self.ring_label[r, slot].astype(np.float32),
+                mask.astype(np.float32))

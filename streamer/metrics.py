@@ -4,11 +4,49 @@ user ids in labels), served over HTTP by prometheus-client."""
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from metarec.events import REJECT_REASONS
 from streamer.pipeline import BatchResult, Pipeline, Record
+
+
+class BatchHistogram:
+    """A histogram observed a batch at a time: one numpy call per micro-batch, not a
+    locked Python call per record (that was a tenth of the consumer's time). Exposed
+    exactly like prometheus-client's ``Histogram``."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # the last: +Inf only
+        self.sum = 0.0
+        self._lock = threading.Lock()  # the HTTP server's thread reads while we write
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        # a value equal to a bound belongs to that bound's bucket (le)
+        counts = np.bincount(np.searchsorted(self.bounds, values), minlength=len(self.counts))
+        with self._lock:
+            self.counts += counts
+            self.sum += float(values.sum())
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = np.cumsum(self.counts).tolist(), self.sum
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        yield HistogramMetricFamily(self.name, self.documentation,
+                                    buckets=list(zip(les, cumulative, strict=True)),
+                                    sum_value=total)
 
 
 class Metrics:
@@ -25,7 +63,7 @@ class Metrics:
         self.batch_seconds = Histogram(
             "metarec_microbatch_duration_seconds", "Time to process one micro-batch",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.freshness = Histogram(
+        self.freshness = BatchHistogram(
             "metarec_event_to_update_seconds", "From a record's Kafka timestamp (its append "
             "time on brokers that set it) to the end of the micro-batch that learned from it",
             buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5,
@@ -69,18 +107,18 @@ class Metrics:
         start_http_server(port, addr=host, registry=self.registry)
 
     def observe_freshness(self, now: float, records: list[Record]) -> None:
-        for rec in records:
-            if rec.timestamp_ms >= 0:
-                self.freshness.observe(max(now - rec.timestamp_ms / 1000, 0.0))
+        stamp = np.fromiter((rec.timestamp_ms for rec in records), np.float64, len(records))
+        stamp = stamp[stamp >= 0]
+        self.freshness.observe_many(np.maximum(now - stamp / 1000, 0.0))
 
     def observe(self, result: BatchResult, pipeline: Pipeline) -> None:
         self.records.inc(result.records)
         for kind, n in result.events.items():
             self.events.labels(kind).inc(n)
-        for label in (0, 1):
-            n = sum(1 for p in result.predictions if p.label == label)
+        clicks = int(result.predictions.label.sum())
+        for label, n in (("0", len(result.predictions) - clicks), ("1", clicks)):
             if n:
-                self.examples.labels(str(label)).inc(n)
+                self.examples.labels(label).inc(n)
         for dead in result.dead_letters:
             self.dead.labels(dead.reason).inc()
         self.batch_seconds.observe(result.seconds)

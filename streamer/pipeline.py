@@ -9,7 +9,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -62,10 +62,40 @@ class Prediction:
 
 
 @dataclass
+class Predictions:
+    """A batch's labelled predictions, as columns (one row per label)."""
+
+    user_id: list[str] = field(default_factory=list)
+    item_id: list[str] = field(default_factory=list)
+    timestamp: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    p: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    label: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def of(cls, learned: list[Labelled]) -> Predictions:
+        imps = [lab.impression for lab in learned]
+        return cls([imp.user_id for imp in imps], [imp.item_id for imp in imps],
+                   np.array([imp.timestamp for imp in imps]),
+                   np.array([lab.scored.k for lab in learned], dtype=np.int64),
+                   np.array([lab.scored.p for lab in learned]),
+                   np.array([lab.label for lab in learned]))
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    def __iter__(self) -> Iterator[Prediction]:
+        for user, item, ts, k, p, label in zip(self.user_id, self.item_id,
+                                               self.timestamp.tolist(), self.k.tolist(),
+                                               self.p.tolist(), self.label.tolist(), strict=True):
+            yield Prediction(user, item, ts, k, p, int(label))
+
+
+@dataclass
 class BatchResult:
     records: int = 0
     events: Counter[str] = field(default_factory=Counter)
-    predictions: list[Prediction] = field(default_factory=list)
+    predictions: Predictions = field(default_factory=Predictions)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     meta: MetaReport | None = None
     drift: list[DriftEvent] = field(default_factory=list)
@@ -140,20 +170,13 @@ class Pipeline:
             scores = self.learner.process(ops)
             for i, scored in batch.scored:
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
-        result.predictions = [
-            Prediction(lab.impression.user_id, lab.impression.item_id, lab.impression.timestamp,
-                       lab.scored.k, lab.scored.p, int(lab.label))
-            for lab in batch.learned
-        ]
-        if result.predictions:
-            preds = result.predictions
-            p = np.array([x.p for x in preds])
-            label = np.array([x.label for x in preds], dtype=np.float64)
-            self.evaluation.update(p, label, np.array([x.k for x in preds], dtype=np.int64))
+        if batch.learned:
+            preds = result.predictions = Predictions.of(batch.learned)
+            self.evaluation.update(preds.p, preds.label, preds.k)
             field_name = self.drift.config.segment_field
             segments = [lab.impression.context.get(field_name) for lab in batch.learned]
             result.drift = self.drift.update_batch(
-                p, label, np.array([x.timestamp for x in preds]), [x.item_id for x in preds],
+                preds.p, preds.label, preds.timestamp, preds.item_id,
                 [None if seg is None else str(seg) for seg in segments])
         if self.learner.meta_due:
             result.meta = self.learner.meta_update()
@@ -195,6 +218,6 @@ def drift_json(event: DriftEvent) -> str:
                        "after": event.after, "magnitude": event.magnitude})
 
 
-def write_predictions(out: IO[str], predictions: list[Prediction]) -> None:
-    if predictions:
+def write_predictions(out: IO[str], predictions: Predictions) -> None:
+    if len(predictions):
         out.write("\n".join(p.to_json() for p in predictions) + "\n")

@@ -1,19 +1,13 @@
-"""Batched fast adaptation is exactly what a per-user loop of plain SGD would do,
-and the numpy kernels the serving loop runs are the torch model's math."""
+"""Batched fast adaptation is exactly what a per-user loop of plain SGD would do."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
-from metarec import kernels
 from metarec.model import (
-    Adaptation,
     Examples,
     ModelConfig,
     adapt,
-    adapt_represented,
     bce,
     init_theta,
     logit,
@@ -83,20 +77,3 @@ def test_users_do_not_leak_into_each_other() -> None:
     after = adapt(theta, phi, ex, y2, mask, CFG)
     assert not torch.allclose(before[0], after[0])
     torch.testing.assert_close(before[1:], after[1:])
-
-
-@pytest.mark.parametrize("adaptation", list(Adaptation))
-def test_numpy_serving_kernels_equal_the_torch_model(adaptation: Adaptation) -> None:
-    config = CFG.model_copy(update={"adaptation": adaptation})
-    theta = random_theta()
-    ex, y, mask = random_tasks(5, 8)
-    weight = mask * 0.85 ** torch.arange(8.0).flip(0)  # recency weights, newest = 1
-    phi = theta["phi0"] + 0.1 * torch.randn(5, CFG.phi_dim,
-                                            generator=torch.Generator().manual_seed(4))
-    q, base = represent(theta, ex)
-    want = adapt_represented(theta, phi, q, base, y, weight, config)
-    got = kernels.adapt(phi.numpy(), q.numpy(), base.numpy(), y.numpy(), weight.numpy(),
-                        theta["log_inner_lr"].exp().numpy(), theta["phi0"].numpy(), config)
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(kernels.logit(got, q[:, 0].numpy(), base[:, 0].numpy()),
-                               logit(want, q[:, 0], base[:, 0]).numpy(), atol=1e-5, rtol=1e-5)
