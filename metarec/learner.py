@@ -188,8 +188,6 @@ class OnlineLearner:
         t0 = time.perf_counter()
         self.since_meta = 0
         self.last_meta = time.monotonic()
-        # θ loaded from a snapshot: its non-zero item rows have been started already
-        self.item_started = self.theta["item_emb"].abs().sum(1).numpy() > 0
         n_users = len(self.users)
         eligible = np.flatnonzero(self.users.learned[:n_users] >= cfg.min_task)
         if len(eligible) < 2:

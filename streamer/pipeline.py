@@ -18,7 +18,7 @@ import numpy as np
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
 from metarec.encoding import Encoder
 from metarec.evaluation import Prequential
-from metarec.events import Click, Impression, Rejected, decode_event
+from metarec.events import Impression, Rejected, decode_event
 from metarec.joiner import Joiner, Labelled, Scored
 from metarec.learner import LEARN, PREDICT, MetaReport, OnlineLearner
 from streamer.config import Settings
@@ -120,25 +120,35 @@ class Pipeline:
         t0 = time.perf_counter()
         result = BatchResult(records=len(records))
         batch = _OpsBuilder()
-        now, wall = time.monotonic(), time.time()
+        now = time.monotonic()
+        # Against the wall clock, not the watermark: a quiet day in the stream must
+        # not make every later event look like it came from the future.
+        wall = time.time()
+        latest = wall + self.settings.max_future_skew_seconds
+        lo, hi = self.settings.replay_from, self.settings.replay_to
+        lo, hi = -math.inf if lo is None else lo, math.inf if hi is None else hi
+        max_bytes, joiner, counts = self.settings.max_record_bytes, self.joiner, result.events
         for rec in records:
-            event = decode_event(rec.value, max_bytes=self.settings.max_record_bytes)
-            if not isinstance(event, Rejected):
-                event = self._check_clock(event, wall)
+            event = decode_event(rec.value, max_bytes=max_bytes)
+            if not isinstance(event, Rejected) and event.timestamp > latest:
+                event = Rejected("bad_timestamp",
+                                 f"{event.timestamp - wall:.0f} s ahead of the wall clock")
             if isinstance(event, Rejected):
                 result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
                 continue
-            if not self._in_range(event.timestamp):
-                result.events["outside_range"] += 1
+            if not lo <= event.timestamp < hi:
+                counts["outside_range"] += 1
                 continue
-            result.events[event.type] += 1
-            batch.learn_all(self.joiner.advance(event.timestamp, rec.partition, now))
+            counts[event.type] += 1
+            closed = joiner.advance(event.timestamp, rec.partition, now)
+            if closed:
+                batch.learn_all(closed)
             if isinstance(event, Impression):
                 scored = Scored()
                 batch.predict(event, scored)
-                batch.learn_all(self.joiner.impression(event, scored, rec.partition, rec.offset))
+                batch.learn_all(joiner.impression(event, scored, rec.partition, rec.offset))
             else:
-                batch.learn_all(self.joiner.click(event))
+                batch.learn_all(joiner.click(event))
         self._run(batch, result)
         result.seconds = time.perf_counter() - t0
         return result
@@ -151,22 +161,9 @@ class Pipeline:
         self._run(batch, result)
         return result
 
-    def _in_range(self, timestamp: float) -> bool:
-        lo, hi = self.settings.replay_from, self.settings.replay_to
-        return (lo is None or timestamp >= lo) and (hi is None or timestamp < hi)
-
-    def _check_clock(self, event: Impression | Click,
-                     wall: float) -> Impression | Click | Rejected:
-        # Against the wall clock, not the watermark: a quiet day in the stream must
-        # not make every later event look like it came from the future.
-        ahead = event.timestamp - wall
-        if ahead > self.settings.max_future_skew_seconds:
-            return Rejected("bad_timestamp", f"{ahead:.0f} s ahead of the wall clock")
-        return event
-
     def _run(self, batch: _OpsBuilder, result: BatchResult) -> None:
-        if batch.impressions:
-            ops = self.encoder.encode(batch.impressions, batch.kinds, batch.labels)
+        if batch.ops:
+            ops = self.encoder.encode(*zip(*batch.ops, strict=True))
             scores = self.learner.process(ops)
             for i, scored in batch.scored:
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
@@ -189,25 +186,17 @@ class _OpsBuilder:
     """Ops in stream order, with what is needed to map scores back."""
 
     def __init__(self) -> None:
-        self.impressions: list[Impression] = []
-        self.kinds: list[int] = []
-        self.labels: list[float] = []
+        self.ops: list[tuple[Impression, int, float]] = []
         self.scored: list[tuple[int, Scored]] = []
         self.learned: list[Labelled] = []
 
     def predict(self, imp: Impression, scored: Scored) -> None:
-        self.scored.append((len(self.impressions), scored))
-        self._add(imp, PREDICT, 0.0)
+        self.scored.append((len(self.ops), scored))
+        self.ops.append((imp, PREDICT, 0.0))
 
     def learn_all(self, labelled: list[Labelled]) -> None:
-        for lab in labelled:
-            self.learned.append(lab)
-            self._add(lab.impression, LEARN, lab.label)
-
-    def _add(self, imp: Impression, kind: int, label: float) -> None:
-        self.impressions.append(imp)
-        self.kinds.append(kind)
-        self.labels.append(label)
+        self.learned += labelled
+        self.ops += [(lab.impression, LEARN, lab.label) for lab in labelled]
 
 
 def drift_json(event: DriftEvent) -> str:
