@@ -27,6 +27,7 @@ in the latency section.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka.partitioner.default import murmur2
 
 from bench import baselines
 from metarec.datasets import movielens
@@ -253,7 +255,11 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
                              + 5, seed=5)
     # serialised up front, so that the producer's JSON encoding does not take CPU from
     # the consumer on a small machine (latency is measured from the broker's append time)
-    events = [(e["user_id"].encode(), json.dumps(e).encode()) for e in stream.events()]
+    # and partitioned up front as kafka-python's default partitioner would (murmur2 of
+    # the key), which it otherwise does in pure Python per record
+    partitions = Settings().partitions
+    events_at = [(key, json.dumps(e).encode(), (murmur2(key) & 0x7FFFFFFF) % partitions)
+                 for e in stream.events() for key in [e["user_id"].encode()]]
     # the consumer's log goes to a file: a pipe nobody reads would block it when full
     with EmbeddedBroker() as broker, tempfile.TemporaryFile() as log_file:
         settings = Settings(bootstrap_servers=broker.bootstrap, events_topic=topic)
@@ -264,17 +270,22 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
         proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_file)
         prod = kafka_io.producer(broker.bootstrap)
+        # The load generator shares the 2 cores with the broker and the consumer it
+        # measures; in production it would be elsewhere. It yields to them (the rate
+        # it achieved is reported), from here on: they were started at normal priority.
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, niceness + 10)
         try:
             sent = 0
 
-            def send(batch: list[tuple[bytes, bytes]]) -> None:
+            def send(batch: list[tuple[bytes, bytes, int]]) -> None:
                 nonlocal sent
-                for key, value in batch:
-                    prod.send(topic, key=key, value=value)
+                for key, value, partition in batch:
+                    prod.send(topic, key=key, value=value, partition=partition)
                 sent += len(batch)
 
             # warm up until the consumer has joined and learned: its join is not latency
-            send(events[:200])
+            send(events_at[:200])
             prod.flush()
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -289,7 +300,7 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
             t0 = time.perf_counter()
             pos = 200
             for n in range(seconds * 100):
-                send(events[pos:pos + per_tick])
+                send(events_at[pos:pos + per_tick])
                 pos += per_tick
                 ahead = t0 + (n + 1) * tick - time.perf_counter()
                 if ahead > 0:
@@ -304,6 +315,8 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
                 for key in ("metarec_microbatch_duration_seconds", name):
                     print(key, buckets(final, key), file=sys.stderr)
         finally:
+            with contextlib.suppress(PermissionError):  # raising it back needs privilege
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
             prod.close()
             proc.terminate()
             proc.wait(60)

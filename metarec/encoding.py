@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metarec.events import Impression
+from metarec.events import FeatureValue, Impression
 from metarec.features import FeatureSpec, SlotCache, slots
 from metarec.learner import Ops
 
@@ -18,6 +18,24 @@ class Encoder:
         self.spec = spec
         self.items = SlotCache(spec.item_slots, spec, "item=")
         self.users = SlotCache(spec.user_slots, spec)
+        self._contexts: dict[tuple[tuple[tuple[str, FeatureValue], ...], tuple[type, ...]],
+                             tuple[int, ...]] = {}
+
+    def _context(self, context: dict[str, FeatureValue]) -> tuple[int, ...]:
+        """Context slots; contexts repeat (a platform, a page), so they are cached by
+        value when hashable (with the values' types: True == 1, but not as tokens)."""
+        try:
+            key = (tuple(context.items()), tuple(map(type, context.values())))
+            found = self._contexts.get(key)
+        except TypeError:  # a list value
+            key, found = None, None
+        if found is None:
+            found = tuple(slots(context, self.spec.context_slots, self.spec).tolist())
+            if key is not None:
+                if len(self._contexts) >= 1 << 16:
+                    self._contexts.clear()
+                self._contexts[key] = found
+        return found
 
     def encode(self, impressions: Sequence[Impression], kinds: Sequence[int],
                labels: Sequence[float]) -> Ops:
@@ -42,8 +60,7 @@ class Encoder:
                 item_feats.append(feats)
                 user_feats.append(self.users.get(imp.user_id, imp.user_features)[1]
                                   if imp.user_features else no_user)
-                context.append(tuple(slots(imp.context, spec.context_slots, spec).tolist())
-                               if imp.context else no_context)
+                context.append(self._context(imp.context) if imp.context else no_context)
             src[i] = j
         return Ops(
             user=[imp.user_id for imp in impressions],

@@ -66,6 +66,7 @@ class Joiner:
     _high: dict[int, float] = field(default_factory=dict)  # partition -> highest event time
     _heard: dict[int, float] = field(default_factory=dict)  # partition -> last wall time
     _last_now: float | None = None  # wall time of the last watermark computation
+    _lowest: int | None = None  # the partition that set it
 
     @property
     def pending(self) -> int:
@@ -86,16 +87,15 @@ class Joiner:
             self._heard[partition] = now
         if timestamp > self._high.get(partition, -math.inf):
             self._high[partition] = timestamp
+            if now == self._last_now and self._lowest not in (None, partition):
+                return []  # not the slowest partition that rose: the minimum stays
         elif now == self._last_now:
             # no partition's high rose and none fell idle: the watermark cannot move,
             # and everything it had passed is already closed
             return []
         self._last_now = now
-        if len(self._high) == 1:  # one source partition, the one that just delivered
-            low = self._high[partition]
-        else:
-            low = min(t for p, t in self._high.items()
-                      if now is None or now - self._heard.get(p, now) <= self.idle_after)
+        low, self._lowest = min((t, p) for p, t in self._high.items()
+                                if now is None or now - self._heard.get(p, now) <= self.idle_after)
         self.watermark = max(self.watermark, low - self.lateness)
         out: list[Labelled] = []
         while self._deadlines and self._deadlines[0][0] < self.watermark:

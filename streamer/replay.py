@@ -26,7 +26,7 @@ from metarec.learner import OnlineLearner
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.model_topic import read_versions
-from streamer.pipeline import Pipeline, drift_json, write_predictions
+from streamer.pipeline import Pipeline, drift_json, settle_heap, write_predictions
 from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
 from streamer.sources import SourceError, TopicRange, batched, read_source
 
@@ -165,6 +165,8 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         t0 = time.perf_counter()
         for batch in batched(records, s.max_batch_records):
             result = pipeline.process(batch)
+            if not done:
+                settle_heap()
             done += len(batch)
             if out is not None:
                 write_predictions(out, result.predictions)
@@ -179,6 +181,8 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         bar.close()
         if out is not None:
             write_predictions(out, final.predictions)
+        if drift_out is not None:
+            drift_out.writelines(drift_json(e) + "\n" for e in final.drift)
         if publisher is not None:
             publisher.finish(learner)
     return ReplaySummary(

@@ -32,7 +32,14 @@ from streamer import kafka_io
 from streamer.config import Settings
 from streamer.metrics import Metrics
 from streamer.model_topic import Manifest, read_versions
-from streamer.pipeline import BatchResult, Pipeline, Record, drift_json, write_predictions
+from streamer.pipeline import (
+    BatchResult,
+    Pipeline,
+    Record,
+    drift_json,
+    settle_heap,
+    write_predictions,
+)
 from streamer.publishing import Publisher, TopicSink
 
 log = logging.getLogger("metarec.run")
@@ -110,7 +117,10 @@ class Runner:
             if s.predictions_out is not None:
                 out = stack.enter_context(Path(s.predictions_out).open("w"))
             self._loop(cons, prod, pipeline, out)
-            # drained: publish what was learned since the last version, then commit
+            # drained: the last drift alarms, publish what was learned since the last
+            # version, then commit
+            self._after_batch(cons, prod, pipeline, BatchResult(drift=pipeline.flush_drift()),
+                              out)
             self.publisher.finish(pipeline.learner)
             prod.flush()
             self._commit(cons, pipeline)
@@ -141,6 +151,8 @@ class Runner:
                 continue
             last_record = now
             result = pipeline.process(records)
+            if records_total == 0:
+                settle_heap()
             self.metrics.observe_freshness(time.time(), records)
             records_total += len(records)
             self._after_batch(cons, prod, pipeline, result, out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from metarec.events import Click, Impression
 from metarec.joiner import Joiner, Scored
 
@@ -92,3 +94,26 @@ def test_an_assigned_partition_that_has_not_delivered_yet_holds_the_watermark() 
     j.track([0, 1], now=0.0)
     assert j.advance(T0 + 500, partition=0, now=1.0) == []
     assert j.watermark == float("-inf")
+
+
+def test_the_watermark_shortcuts_change_nothing() -> None:
+    """Skipping the watermark when it cannot move (same wall time, no rise of the
+    slowest partition) labels exactly what recomputing it at every event does."""
+    rng = np.random.default_rng(3)
+    fast, full = Joiner(window=50.0, lateness=5.0, idle_after=2.0), \
+        Joiner(window=50.0, lateness=5.0, idle_after=2.0)
+    now, labels = 0.0, {id(fast): [], id(full): []}
+    for n in range(3000):
+        if rng.random() < 0.05:
+            now += rng.choice([0.5, 3.0])  # a new micro-batch; sometimes a partition idles
+        partition = int(rng.choice(3, p=[0.6, 0.3, 0.1]))
+        t = n * 0.3 + rng.normal(0, 5) + 40 * partition
+        for j in (fast, full):
+            if j is full:
+                j._last_now = -1.0  # never the same: recompute every time
+            out = j.advance(T0 + t, partition, now)
+            out += j.impression(imp(n, t), Scored(), partition, n)
+            labels[id(j)] += [(o.impression.impression_id, o.label) for o in out]
+    assert labels[id(fast)] == labels[id(full)]
+    assert len(labels[id(fast)]) > 2500  # most windows closed along the way
+    assert fast.watermark == full.watermark
