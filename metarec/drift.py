@@ -17,7 +17,7 @@ never a segment, so label sets stay small.
 from __future__ import annotations
 
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,50 +119,50 @@ class _PSI:
     def __init__(self, window: int, edges: np.ndarray | None = None):
         self.window = window
         self.fixed_edges = edges
-        self.recent: deque[float] = deque(maxlen=2 * window)
+        # the latest (up to) 2 windows of values, a ring ending before index `end`
+        self._ring = np.zeros(2 * window)
+        self._held = self._end = 0
         self.since = 0
 
-    def update(self, x: float) -> tuple[float, float, float] | None:
-        """(psi, reference mean, current mean) when it is time to compare."""
-        self.recent.append(x)
-        self.since += 1
-        if len(self.recent) < 2 * self.window or self.since < self.window // 4:
-            return None
-        self.since = 0
-        data = np.asarray(self.recent)
+    def update_many(self, xs: np.ndarray,
+                    threshold: float) -> list[tuple[int, float, float, float]]:
+        """Feed ``xs`` in order, comparing every quarter window once two are held and
+        re-basing after each alarm: (index, psi, reference mean, current mean) for
+        every comparison made."""
+        out = []
+        j = 0
+        while j < len(xs):
+            # append up to the next comparison at once
+            step = max(2 * self.window - self._held, self.window // 4 - self.since, 1)
+            chunk = xs[j:j + step]
+            self._append(chunk)
+            self.since += len(chunk)
+            j += len(chunk)
+            if self._held < 2 * self.window or self.since < self.window // 4:
+                continue
+            self.since = 0
+            got = self._compare()
+            out.append((j - 1, *got))
+            if got[0] > threshold:
+                self._held = self.window  # the changed window becomes the next reference
+        return out
+
+    def _append(self, xs: np.ndarray) -> None:
+        size = len(self._ring)
+        xs = xs[-size:]
+        self._ring[(self._end + np.arange(len(xs))) % size] = xs
+        self._end = (self._end + len(xs)) % size
+        self._held = min(self._held + len(xs), size)
+
+    def _compare(self) -> tuple[float, float, float]:
+        size = len(self._ring)
+        data = self._ring[(self._end - size + np.arange(size)) % size]  # oldest first
         ref, cur = data[: self.window], data[self.window:]
         edges = self.fixed_edges
         if edges is None:  # deciles of the reference
             inner = np.unique(np.quantile(ref, np.linspace(0.1, 0.9, 9)))
             edges = np.concatenate([[-np.inf], inner, [np.inf]])
         return psi(ref, cur, edges), float(ref.mean()), float(cur.mean())
-
-    def update_many(self, xs: np.ndarray,
-                    threshold: float) -> list[tuple[int, float, float, float]]:
-        """:meth:`update` for each of ``xs``, re-basing after each alarm: (index, psi,
-        reference mean, current mean) for every comparison made."""
-        out = []
-        j = 0
-        while j < len(xs):
-            # append up to the next comparison at once
-            step = max(2 * self.window - len(self.recent), self.window // 4 - self.since, 1)
-            chunk = xs[j:j + step].tolist()
-            self.recent.extend(chunk[:-1])
-            self.since += len(chunk) - 1
-            j += len(chunk)
-            got = self.update(chunk[-1])
-            if got is not None:
-                out.append((j - 1, *got))
-                if got[0] > threshold:
-                    self.rebase()
-        return out
-
-    def rebase(self) -> None:
-        """After an alarm: the changed window becomes the next reference."""
-        current = list(self.recent)[-self.window:]
-        self.recent.clear()
-        self.recent.extend(current)
-        self.since = 0
 
 
 # an item seen 0, 1, 2 or 3+ times before: a stationary catalogue settles at 3+

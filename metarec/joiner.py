@@ -94,8 +94,12 @@ class Joiner:
             # and everything it had passed is already closed
             return []
         self._last_now = now
-        low, self._lowest = min((t, p) for p, t in self._high.items()
-                                if now is None or now - self._heard.get(p, now) <= self.idle_after)
+        if len(self._high) == 1:  # one source partition, the one that just delivered
+            low, self._lowest = self._high[partition], partition
+        else:
+            low, self._lowest = min(
+                (t, p) for p, t in self._high.items()
+                if now is None or now - self._heard.get(p, now) <= self.idle_after)
         self.watermark = max(self.watermark, low - self.lateness)
         out: list[Labelled] = []
         while self._deadlines and self._deadlines[0][0] < self.watermark:
