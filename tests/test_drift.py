@@ -82,3 +82,31 @@ def test_batched_page_hinkley_alarms_where_rivers_does() -> None:
         start += int(size)
     assert len(want) >= 2
     assert got == want
+
+
+def test_feeding_the_detectors_in_chunks_raises_the_alarms_of_one_at_a_time() -> None:
+    stream = SyntheticStream(users=300, events_per_user=30, seed=4, drift="cluster_flip")
+    region = {e["user_id"]: e["context"]["region"] for e in stream.events()}
+    settings = small_settings()
+    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    recs = records(stream)
+    preds = [p for i in range(0, len(recs), 200) for p in pipeline.process(recs[i:i + 200])
+             .predictions]
+    # sensitive settings: many alarms of every kind to compare
+    config = DriftConfig(segment_field="region", warmup=200, psi_window=200,
+                         psi_threshold=0.05, ph_threshold=10, adwin_delta=0.5)
+    one, chunked = DriftMonitor(config), DriftMonitor(config)
+    singly = [e for p in preds
+              for e in one.update(p.p, p.label, p.timestamp, p.item_id, region[p.user_id])]
+    rng = np.random.default_rng(0)
+    in_chunks, start = [], 0
+    while start < len(preds):
+        part = preds[start:start + int(rng.integers(1, 1500))]
+        start += len(part)
+        in_chunks += chunked.update_batch(
+            np.array([p.p for p in part]), np.array([float(p.label) for p in part]),
+            np.array([p.timestamp for p in part]), [p.item_id for p in part],
+            [region[p.user_id] for p in part])
+    assert len({e.signal for e in singly}) >= 4 and len(singly) >= 20
+    key = lambda e: (e.timestamp, e.signal, e.segment)  # noqa: E731
+    assert sorted(in_chunks, key=key) == sorted(singly, key=key)
