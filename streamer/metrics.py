@@ -16,6 +16,10 @@ from prometheus_client.utils import floatToGoString
 from metarec.events import REJECT_REASONS
 from streamer.pipeline import BatchResult, Pipeline, Record
 
+#: buckets of the event-to-update histogram (seconds)
+FRESHNESS_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
+                     5.0, 10.0, 30.0, 60.0)
+
 
 class BatchHistogram:
     """A histogram observed a batch at a time: one numpy call per micro-batch, not a
@@ -67,8 +71,7 @@ class Metrics:
         self.freshness = BatchHistogram(
             "metarec_event_to_update_seconds", "From a record's Kafka timestamp (its append "
             "time on brokers that set it) to the end of the micro-batch that learned from it",
-            buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5,
-                     10, 30, 60), registry=r)
+            buckets=FRESHNESS_BUCKETS, registry=r)
         self.meta_updates = Counter("metarec_meta_updates", "Meta-updates of the shared "
                                     "initialisation", registry=r)
         self.meta_seconds = Histogram("metarec_meta_update_duration_seconds",
