@@ -1,15 +1,17 @@
-"""The per-event side of the model, compiled: a micro-batch's predictions and
-fast-weight steps in stream order, in one call.
+"""The serving side of the model, compiled (numba): a micro-batch's predictions
+and fast-weight steps in stream order in one call, its representation, and θ's
+online step.
 
 Users rate and click in bursts, so a micro-batch is mostly a few users' long
 chains of predict, learn, predict, ...; each link depends on the one before,
 so no batching across users can shorten them. Run in Python, each link was a
 few dozen numpy calls (about 100 µs); compiled it is about a microsecond.
 
-The math is that of :func:`metarec.model.logit`, :func:`~metarec.model.inner_step`
-and :func:`~metarec.model.prototype` (a test holds the loop equal to the torch
-model, op by op); the torch versions stay the differentiable ones that the
-meta-update and θ's online step use.
+The math is that of :mod:`metarec.model` (``represent``, ``logit``,
+``inner_step``, ``prototype``) and its autograd gradient; tests hold a
+micro-batch through these kernels equal to the torch model, op by op. The torch
+versions stay the differentiable ones that MAML, FOMAML and Meta-SGD use.
+Compiled code is cached beside this file (``__pycache__``) on first use.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ PREDICT = 0
 LEARN = 1
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True)
 def _logit(phi: np.ndarray, q: np.ndarray, base: float) -> float:
     d = q.shape[0]
     z = base + float(phi[d])
