@@ -16,6 +16,7 @@ from typing import IO
 
 import numpy as np
 
+from metarec.datasets.synthetic import SyntheticStream
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
 from metarec.encoding import Encoder
 from metarec.evaluation import Prequential
@@ -226,11 +227,22 @@ class _OpsBuilder:
         self.ops += [(lab.impression, LEARN, lab.label) for lab in labelled]
 
 
-def settle_heap() -> None:
-    """Call once the first micro-batch is done: move everything alive then (imported
-    modules, compiled kernels: some 300,000 objects) out of the collector's reach.
-    Each full collection walked them all, every few seconds, for 150-250 ms: the
-    largest stall in the event-to-update latency."""
+def warm_up(settings: Settings) -> None:
+    """Get the process ready before the first record: run a small synthetic stream
+    through a throwaway pipeline of the same configuration (this loads or
+    compiles the serving kernels, as the first micro-batch would have), then move
+    everything alive (imported modules, compiled kernels: some 300,000 objects)
+    out of the garbage collector's reach. Each full collection walked them all,
+    every few seconds, for 150-250 ms: the largest stall in the event-to-update
+    latency."""
+    small = settings.model_copy(update={"item_buckets": 256, "feature_buckets": 256,
+                                        "meta_every": 50, "meta_users": 8})
+    pipeline = Pipeline(small, OnlineLearner(small.learner_config()))
+    events = SyntheticStream(users=8, items=20, events_per_user=20).events()
+    records = [Record(json.dumps(e).encode()) for e in events]
+    for start in range(0, len(records), 50):
+        pipeline.process(records[start:start + 50])
+    pipeline.finish()
     gc.collect()
     gc.freeze()
 

@@ -26,7 +26,7 @@ from metarec.learner import OnlineLearner
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.model_topic import read_versions
-from streamer.pipeline import Pipeline, drift_json, settle_heap, write_predictions
+from streamer.pipeline import Pipeline, drift_json, warm_up, write_predictions
 from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
 from streamer.sources import SourceError, TopicRange, batched, read_source
 
@@ -160,13 +160,12 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         drift_out: IO[str] | None = None
         if s.drift_out is not None:
             drift_out = stack.enter_context(Path(s.drift_out).open("w"))
+        warm_up(s)
         bar = _Progress(_total(source), s.log_every_seconds, progress)
         done, first_ts = 0, math.nan
         t0 = time.perf_counter()
         for batch in batched(records, s.max_batch_records):
             result = pipeline.process(batch)
-            if not done:
-                settle_heap()
             done += len(batch)
             if out is not None:
                 write_predictions(out, result.predictions)

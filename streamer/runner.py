@@ -37,7 +37,7 @@ from streamer.pipeline import (
     Pipeline,
     Record,
     drift_json,
-    settle_heap,
+    warm_up,
     write_predictions,
 )
 from streamer.publishing import Publisher, TopicSink
@@ -103,6 +103,7 @@ class Runner:
         s = self.settings
         kafka_io.ensure_topics(self.bootstrap, s)
         pipeline = Pipeline(s, self._learner())
+        warm_up(s)  # before joining the group: the first batch is then like the rest
         with ExitStack() as stack:
             prod = kafka_io.producer(self.bootstrap)
             stack.callback(prod.close)
@@ -151,8 +152,6 @@ class Runner:
                 continue
             last_record = now
             result = pipeline.process(records)
-            if records_total == 0:
-                settle_heap()
             self.metrics.observe_freshness(time.time(), records)
             records_total += len(records)
             self._after_batch(cons, prod, pipeline, result, out)
