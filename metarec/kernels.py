@@ -144,38 +144,36 @@ def adapt_tasks(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
 
 
 @njit(cache=True)
+def _add_mean(out: np.ndarray, feats: np.ndarray, feat_emb: np.ndarray,
+              feat_bias: np.ndarray) -> float:
+    """Add the mean embedding of the present ``feats`` (slot 0 = empty) to ``out``;
+    the sum of their biases."""
+    bias, count = 0.0, 0
+    for f in feats:
+        if f > 0:
+            count += 1
+            bias += feat_bias[f]
+    for f in feats:
+        if f > 0:
+            for c in range(out.shape[0]):
+                out[c] += feat_emb[f, c] / count
+    return bias
+
+
+@njit(cache=True)
 def represent(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
               item_emb: np.ndarray, item_bias: np.ndarray, feat_emb: np.ndarray,
               feat_bias: np.ndarray, global_bias: float,
               q: np.ndarray, base: np.ndarray, side: np.ndarray) -> None:
     """:func:`metarec.model.represent` for ``n`` examples (feature slot 0 = empty):
     writes ``q`` and ``side`` (n x d, the item's and the user's side) and ``base``."""
-    d = item_emb.shape[1]
     for i in range(item.shape[0]):
         q[i] = item_emb[item[i]]
         side[i] = 0.0
         b = global_bias + item_bias[item[i]]
-        count = 0
-        for f in item_feats[i]:
-            if f > 0:
-                count += 1
-                b += feat_bias[f]
-        if count:
-            for f in item_feats[i]:
-                if f > 0:
-                    for c in range(d):
-                        q[i, c] += feat_emb[f, c] / count
-        count = 0
-        for f in user_feats[i]:
-            if f > 0:
-                count += 1
-                b += feat_bias[f]
-        if count:
-            for f in user_feats[i]:
-                if f > 0:
-                    for c in range(d):
-                        side[i, c] += feat_emb[f, c] / count
-        for c in range(d):
+        b += _add_mean(q[i], item_feats[i], feat_emb, feat_bias)
+        b += _add_mean(side[i], user_feats[i], feat_emb, feat_bias)
+        for c in range(q.shape[1]):
             b += side[i, c] * q[i, c]
         base[i] = b
 
