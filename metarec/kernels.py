@@ -179,10 +179,10 @@ def represent(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
 
 
 @njit(cache=True)
-def _add_row(grad: np.ndarray, row: int, values: np.ndarray, scale: float,
+def _add_row(grad: np.ndarray, row: int, values: np.ndarray, scale: float, bias: float,
              touched: np.ndarray, rows: np.ndarray, n_rows: int) -> int:
-    """Add ``scale * values`` (d) and ``scale`` (the bias, last column) to ``grad[row]``,
-    noting a row touched for the first time."""
+    """Add ``scale * values`` (d) and ``bias`` (the last column) to ``grad[row]``,
+    noting a row touched for the first time; the count of touched rows."""
     if not touched[row]:
         touched[row] = True
         rows[n_rows] = row
@@ -190,6 +190,21 @@ def _add_row(grad: np.ndarray, row: int, values: np.ndarray, scale: float,
     d = values.shape[0]
     for c in range(d):
         grad[row, c] += scale * values[c]
+    grad[row, d] += bias
+    return n_rows
+
+
+@njit(cache=True)
+def _add_bag(grad: np.ndarray, feats: np.ndarray, values: np.ndarray, bias: float,
+             touched: np.ndarray, rows: np.ndarray, n_rows: int) -> int:
+    """:func:`_add_row` for a feature bag (slot 0 = empty): the gradient ``values``
+    of its mean embedding is shared by its features, that of its bias sum is each's."""
+    count = 0
+    for f in feats:
+        count += f > 0
+    for f in feats:
+        if f > 0:
+            n_rows = _add_row(grad, f, values, 1.0 / count, bias, touched, rows, n_rows)
     return n_rows
 
 
@@ -242,26 +257,11 @@ def online_step(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray
         # ∂logit/∂q = side + φ[:d];  ∂logit/∂side = q
         for c in range(d):
             vec[c] = e * (side[i, c] + phi[i, c])
-        n_item = _add_row(item_grad, item[i], vec, 1.0, item_touched, item_rows, n_item)
-        item_grad[item[i], d] += e
-        count = 0
-        for f in item_feats[i]:
-            count += f > 0
-        for f in item_feats[i]:
-            if f > 0:
-                n_feat = _add_row(feat_grad, f, vec, 1.0 / count, feat_touched, feat_rows,
-                                  n_feat)
-                feat_grad[f, d] += e
+        n_item = _add_row(item_grad, item[i], vec, 1.0, e, item_touched, item_rows, n_item)
+        n_feat = _add_bag(feat_grad, item_feats[i], vec, e, feat_touched, feat_rows, n_feat)
         for c in range(d):
             vec[c] = e * q[i, c]
-        count = 0
-        for f in user_feats[i]:
-            count += f > 0
-        for f in user_feats[i]:
-            if f > 0:
-                n_feat = _add_row(feat_grad, f, vec, 1.0 / count, feat_touched, feat_rows,
-                                  n_feat)
-                feat_grad[f, d] += e
+        n_feat = _add_bag(feat_grad, user_feats[i], vec, e, feat_touched, feat_rows, n_feat)
     g = err.sum()
     acc_global[0] += g * g
     global_bias[0] -= lr * g / (math.sqrt(acc_global[0]) + eps)
