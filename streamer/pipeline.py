@@ -236,7 +236,8 @@ def warm_up(settings: Settings) -> None:
     every few seconds, for 150-250 ms: the largest stall in the event-to-update
     latency."""
     small = settings.model_copy(update={"item_buckets": 256, "feature_buckets": 256,
-                                        "meta_every": 50, "meta_users": 8})
+                                        "meta_every": 50, "meta_users": 8,
+                                        "replay_from": None, "replay_to": None})
     pipeline = Pipeline(small, OnlineLearner(small.learner_config()))
     events = SyntheticStream(users=8, items=20, events_per_user=20).events()
     records = [Record(json.dumps(e).encode()) for e in events]

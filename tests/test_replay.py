@@ -13,12 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from metarec import drift, kernels
 from metarec.datasets.synthetic import SyntheticStream
 from streamer import kafka_io
 from streamer.cli import main
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker
 from streamer.model_topic import read_versions
+from streamer.pipeline import warm_up
 from streamer.replay import replay as replay_fn
 from tests.test_kafka_integration import Topics, committed, produce
 
@@ -171,3 +173,18 @@ def test_progress_is_logged_when_not_on_a_terminal(tmp_path: Path,
         replay_fn(settings, str(src))
     lines = [r.getMessage() for r in caplog.records if r.name == "metarec.replay"]
     assert any("events/s" in line and "ETA" in line for line in lines)
+
+
+def test_after_the_warm_up_no_kernel_is_compiled_mid_stream() -> None:
+    """The warm-up runs every compiled kernel with the argument types of real traffic,
+    so the first real micro-batch does not stop to compile (or load) one."""
+    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, metrics_port=0,
+                        replay_from=1.0e9, replay_to=1.1e9)  # a range must not matter
+    warm_up(settings)
+    compiled = [kernels.serve, kernels.represent, kernels.online_step, kernels.adapt_tasks,
+                drift._moving_averages]
+    before = [len(k.signatures) for k in compiled]
+    assert all(before)
+    replay_fn(settings.model_copy(update={"replay_from": None, "replay_to": None}),
+              "synthetic", progress=False)
+    assert [len(k.signatures) for k in compiled] == before
