@@ -90,7 +90,8 @@ def meta_loss(
 def reptile_direction(
     theta: Theta, tasks: Examples, y: torch.Tensor, mask: torch.Tensor, config: ModelConfig
 ) -> torch.Tensor:
-    """φ_0 minus the mean of the weights adapted on each whole task: a descent direction."""
+    """φ_0 minus the mean of the weights adapted on each whole task: a descent direction.
+    The reference: the learner runs a compiled equivalent, held equal to this by a test."""
     with torch.no_grad():
         phi = theta["phi0"].expand(y.shape[0], -1)
         adapted = adapt(theta, phi, tasks, y, mask, config)
