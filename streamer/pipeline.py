@@ -30,10 +30,10 @@ DRIFT_EVERY_LABELS = 1000
 DRIFT_EVERY_SECONDS = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost 1.7 us per record
 class Record:
     """A raw record and where it came from (partition/offset -1 for files);
-    ``timestamp_ms`` is the Kafka record timestamp (-1: none)."""
+    ``timestamp_ms`` is the Kafka record timestamp (-1: none). Read-only by convention."""
 
     value: bytes
     key: bytes | None = None
