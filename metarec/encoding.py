@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -44,33 +45,43 @@ class Encoder:
         distinct one is encoded once."""
         spec = self.spec
         index: dict[int, int] = {}
-        src = np.empty(len(impressions), dtype=np.int64)
+        distinct: list[Impression] = []
+        src: list[int] = []
+        for imp in impressions:
+            j = index.setdefault(id(imp), len(distinct))
+            if j == len(distinct):
+                distinct.append(imp)
+            src.append(j)
         items: list[int] = []
         item_feats: list[tuple[int, ...]] = []
         user_feats: list[tuple[int, ...]] = []
         context: list[tuple[int, ...]] = []
         no_user = (0,) * spec.user_slots
         no_context = (0,) * spec.context_slots
-        for i, imp in enumerate(impressions):
-            j = index.get(id(imp))
-            if j is None:
-                j = index[id(imp)] = len(items)
-                bucket, feats = self.items.get(imp.item_id, imp.item_features)
-                items.append(bucket)
-                item_feats.append(feats)
-                user_feats.append(self.users.get(imp.user_id, imp.user_features)[1]
-                                  if imp.user_features else no_user)
-                context.append(self._context(imp.context) if imp.context else no_context)
-            src[i] = j
+        item_slots, user_slots, context_slot = self.items.get, self.users.get, self._context
+        for imp in distinct:
+            bucket, feats = item_slots(imp.item_id, imp.item_features)
+            items.append(bucket)
+            item_feats.append(feats)
+            user_feats.append(user_slots(imp.user_id, imp.user_features)[1]
+                              if imp.user_features else no_user)
+            context.append(context_slot(imp.context) if imp.context else no_context)
+        at = np.array(src, dtype=np.int64)
         return Ops(
             user=[imp.user_id for imp in impressions],
             kind=np.asarray(kinds, dtype=np.int64),
-            item=np.array(items, dtype=np.int64)[src],
-            item_feats=np.array(item_feats, dtype=np.int64).reshape(-1, spec.item_slots)[src],
-            user_feats=np.array(user_feats, dtype=np.int64).reshape(-1, spec.user_slots)[src],
-            context=np.array(context, dtype=np.int64).reshape(-1, spec.context_slots)[src],
+            item=np.array(items, dtype=np.int64)[at],
+            item_feats=_matrix(item_feats, spec.item_slots)[at],
+            user_feats=_matrix(user_feats, spec.user_slots)[at],
+            context=_matrix(context, spec.context_slots)[at],
             label=np.asarray(labels, dtype=np.float32),
         )
+
+
+def _matrix(rows: list[tuple[int, ...]], width: int) -> np.ndarray:
+    """Equal-width tuples as an int64 matrix (faster than ``np.array`` of tuples)."""
+    flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=len(rows) * width)
+    return flat.reshape(len(rows), width)
 
 
 def encode(impressions: Sequence[Impression], kinds: Sequence[int], labels: Sequence[float],

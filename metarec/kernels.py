@@ -153,10 +153,13 @@ def _add_mean(out: np.ndarray, feats: np.ndarray, feat_emb: np.ndarray,
         if f > 0:
             count += 1
             bias += feat_bias[f]
+    if count == 0:
+        return bias
+    inv = 1.0 / count
     for f in feats:
         if f > 0:
             for c in range(out.shape[0]):
-                out[c] += feat_emb[f, c] / count
+                out[c] += feat_emb[f, c] * inv
     return bias
 
 

@@ -48,7 +48,7 @@ def read_source(name: str, *, bootstrap: str | None = None,
                 topic_range: TopicRange | None = None) -> Iterator[Record]:
     """Records of a source, in its order, keyed by user id where one is known."""
     if name == "movielens-100k":
-        yield from (Record(value, key=user.encode()) for user, value in movielens.json_events())
+        yield from (Record(value, key) for key, value in movielens.json_events())
         return
     if name == "synthetic":
         yield from (_record(e) for e in SyntheticStream().events())

@@ -57,10 +57,10 @@ def _age_band(age: str) -> str:
     return str(min(int(age) // 10 * 10, 60))
 
 
-def _ratings(path: Path | None) -> Iterator[tuple[int, str, str, float, bool, dict[str, Any],
-                                                   dict[str, Any]]]:
-    """(n, user, item, timestamp, clicked, user features, item features), oldest first;
-    the feature dicts are shared by every rating of the same user or item."""
+def _ratings(path: Path | None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]],
+                                         list[tuple[str, str, str, str]]]:
+    """(user features by id, item features by id, (user, item, rating, timestamp)
+    oldest first)."""
     with zipfile.ZipFile(path or wheel_path()) as archive:
         users = {
             r[0]: {"age": _age_band(r[1]), "gender": r[2], "occupation": r[3]}
@@ -75,43 +75,47 @@ def _ratings(path: Path | None) -> Iterator[tuple[int, str, str, float, bool, di
         # 100,000 lines of four tab-separated fields and no spaces: one split of the
         # whole text, not one per line
         fields = archive.read(f"{PREFIX}.inter").decode("latin-1").split()[4:]
-        ratings = list(zip(*[iter(fields)] * 4, strict=True))
+    ratings = list(zip(*[iter(fields)] * 4, strict=True))
     ratings.sort(key=lambda r: float(r[3]))  # stable: ties keep the file order
-    no_features: dict[str, Any] = {}
-    for n, (user, item, rating, ts) in enumerate(ratings):
-        yield (n, user, item, float(ts), float(rating) >= 4.0, users.get(user, no_features),
-               items.get(item, no_features))
+    return users, items, ratings
 
 
 def events(path: Path | None = None) -> Iterator[dict[str, Any]]:
-    """The 100,000 ratings as impression events (JSON-ready dicts), oldest first."""
-    for n, user, item, ts, clicked, user_features, item_features in _ratings(path):
+    """The 100,000 ratings as impression events (JSON-ready dicts), oldest first;
+    the feature dicts are shared by every rating of the same user or item."""
+    users, items, ratings = _ratings(path)
+    for n, (user, item, rating, ts) in enumerate(ratings):
         yield {
             "type": "impression",
             "impression_id": f"ml-{n}",
             "user_id": user,
             "item_id": item,
-            "timestamp": ts,
-            "user_features": user_features,
-            "item_features": item_features,
-            "clicked": clicked,
+            "timestamp": float(ts),
+            "user_features": users.get(user, {}),
+            "item_features": items.get(item, {}),
+            "clicked": float(rating) >= 4.0,
         }
 
 
-def json_events(path: Path | None = None) -> Iterator[tuple[str, bytes]]:
-    """:func:`events` as (user id, JSON bytes). Each user's and item's part is
+def json_events(path: Path | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """:func:`events` as (user id, JSON) bytes. Each user's and item's part is
     serialised once: dumping whole events cost more than the learner spent on them."""
-    parts: dict[tuple[str, str], str] = {}
-
-    def part(key: str, value: str, features: dict[str, Any]) -> str:
-        found = parts.get((key, value))
-        if found is None:
-            found = parts[(key, value)] = (f'"{key}_id": {json.dumps(value)}, '
-                                           f'"{key}_features": {json.dumps(features)}')
-        return found
-
-    for n, user, item, ts, clicked, user_features, item_features in _ratings(path):
-        text = (f'{{"type": "impression", "impression_id": "ml-{n}", '
-                f'{part("user", user, user_features)}, {part("item", item, item_features)}, '
-                f'"timestamp": {ts!r}, "clicked": {"true" if clicked else "false"}}}')
-        yield user, text.encode()
+    users, items, ratings = _ratings(path)
+    parts = {
+        kind: {key: f'"{kind}_id": {json.dumps(key)}, "{kind}_features": {json.dumps(feats)}'
+               for key, feats in table.items()}
+        for kind, table in (("user", users), ("item", items))
+    }
+    user_parts, item_parts = parts["user"], parts["item"]
+    keys: dict[str, bytes] = {}
+    for n, (user, item, rating, ts) in enumerate(ratings):
+        # a rating of an id missing from the user or item file has no features
+        user_part = user_parts.get(user) or f'"user_id": {json.dumps(user)}, "user_features": {{}}'
+        item_part = item_parts.get(item) or f'"item_id": {json.dumps(item)}, "item_features": {{}}'
+        text = (f'{{"type": "impression", "impression_id": "ml-{n}", {user_part}, {item_part}, '
+                f'"timestamp": {float(ts)!r}, '
+                f'"clicked": {"true" if float(rating) >= 4.0 else "false"}}}')
+        key = keys.get(user)
+        if key is None:
+            key = keys[user] = user.encode()
+        yield key, text.encode()
