@@ -47,3 +47,12 @@ def test_malformed_records_are_rejected_with_a_reason(record: bytes, reason: str
     assert isinstance(out, Rejected)
     assert out.reason == reason
     assert out.detail
+
+
+def test_unknown_fields_are_ignored_and_a_decoded_event_is_immutable() -> None:
+    imp = decode_event(raw(campaign="c9", item_features={"year": 1995}), max_bytes=1000)
+    assert isinstance(imp, Impression)
+    assert not hasattr(imp, "campaign")
+    assert imp.item_features == {"year": 1995} and imp.context == {}
+    with pytest.raises(AttributeError):
+        imp.user_id = "someone else"  # type: ignore[misc]
