@@ -211,7 +211,6 @@ class OnlineLearner:
         self.meta_updates += 1
         return MetaReport(len(eligible), loss, time.perf_counter() - t0)
 
-
     def _reptile_direction(self, rows: np.ndarray) -> np.ndarray:
         """:func:`metarec.meta.reptile_direction` on these users' tasks, compiled:
         Reptile needs no gradient through θ, only each user's adapted weights."""
