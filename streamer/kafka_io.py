@@ -60,26 +60,60 @@ def consumer(bootstrap: str, settings: Settings) -> KafkaConsumer:
     )
 
 
+#: room left in a dead letter for the record's framing (batch header, varints, the
+#: truncation headers): kafka-python's estimate adds under 100 bytes to a record
+DLQ_FRAMING_BYTES = 1024
+DLQ_DETAIL_BYTES = 2000
+DLQ_SHORT_TEXT_BYTES = 255  # reason, topic
+#: of a key that does not fit beside the value, this much is kept (the value, the
+#: original record, matters more for finding out what went wrong)
+DLQ_KEY_KEPT_BYTES = 1024
+
+DeadLetterMessage = tuple[bytes | None, bytes, list[tuple[str, bytes]]]  # key, value, headers
+
+
+def _header_text(text: str, limit: int) -> bytes:
+    """UTF-8 of any text (lone surrogates escaped as \\udcXX), cut at a character
+    boundary to at most ``limit`` bytes, so that header readers can always decode it."""
+    raw = text.encode("utf-8", "backslashreplace")
+    return raw if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore").encode()
+
+
+def dead_letter(d: DeadLetter) -> DeadLetterMessage:
+    """The message for one dead letter: the original key and bytes, and why/where in
+    headers (the convention of Kafka Connect's dead-letter queues). It always fits in
+    MAX_MESSAGE_BYTES: a dead letter the producer or broker refused would stop the
+    consumer on the same record after every restart. What is cut is marked, with the
+    original size: ``metarec.dlq.key_truncated``, ``metarec.dlq.truncated`` (value)."""
+    rec = d.record
+    headers = [
+        ("metarec.dlq.reason", _header_text(d.reason, DLQ_SHORT_TEXT_BYTES)),
+        ("metarec.dlq.detail", _header_text(d.detail, DLQ_DETAIL_BYTES)),
+        ("metarec.dlq.topic", _header_text(rec.topic, DLQ_SHORT_TEXT_BYTES)),
+        ("metarec.dlq.partition", str(rec.partition).encode()),
+        ("metarec.dlq.offset", str(rec.offset).encode()),
+    ]
+    room = MAX_MESSAGE_BYTES - DLQ_FRAMING_BYTES - sum(len(k) + len(v) for k, v in headers)
+    key, value = rec.key, rec.value
+    key_room = max(room - len(value), DLQ_KEY_KEPT_BYTES)
+    if key is not None and len(key) > key_room:
+        headers.append(("metarec.dlq.key_truncated", str(len(key)).encode()))
+        key = key[:key_room]
+    value_room = room - len(key or b"")
+    if len(value) > value_room:
+        headers.append(("metarec.dlq.truncated", str(len(value)).encode()))
+        value = value[:value_room]
+    return key, value, headers
+
+
 def send_dead_letters(prod: KafkaProducer, topic: str,
                       dead: Iterable[DeadLetter]) -> list[FutureRecordMetadata]:
-    """Original bytes as the value, original key, and why/where in headers (the
-    convention of Kafka Connect's dead-letter queues). Check the futures after a
-    flush: offsets must not be committed past a dead letter the broker refused."""
+    """Send each as :func:`dead_letter` makes it. Check the futures after a flush:
+    offsets must not be committed past a dead letter the broker refused."""
     futures = []
     for d in dead:
-        rec = d.record
-        headers = [
-            ("metarec.dlq.reason", d.reason.encode()),
-            ("metarec.dlq.detail", d.detail.encode()[:2000]),
-            ("metarec.dlq.topic", rec.topic.encode()),
-            ("metarec.dlq.partition", str(rec.partition).encode()),
-            ("metarec.dlq.offset", str(rec.offset).encode()),
-        ]
-        value = rec.value
-        if len(value) > MAX_MESSAGE_BYTES - 8192:  # keep the DLQ itself deliverable
-            value = value[: MAX_MESSAGE_BYTES - 8192]
-            headers.append(("metarec.dlq.truncated", b"1"))
-        futures.append(prod.send(topic, key=rec.key, value=value, headers=headers))
+        key, value, headers = dead_letter(d)
+        futures.append(prod.send(topic, key=key, value=value, headers=headers))
     return futures
 
 

@@ -7,6 +7,11 @@ algorithm, the config hash, the schema, the chunk count and SHA-256 checksums of
 every chunk and of the whole. A loader takes the newest version whose manifest
 and chunks are all present and match, and ignores partial or corrupt ones.
 The topic has one partition, so its order is the publication order.
+
+Readers skip, and count, any message they cannot parse (another producer's, or
+a damaged one): a message that stopped the reader would stop every restart of
+``metarec run`` and every ``metarec model pull`` until the topic were cleaned.
+The README's "Model topic wire format" describes the format in full.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec.snapshot import SCHEMA
 
@@ -44,7 +54,30 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        return cls(**json.loads(raw))
+        """Parse and check a manifest (raises ``pydantic.ValidationError``)."""
+        return cls(**_ManifestFields.model_validate_json(raw).model_dump(by_alias=True))
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _ManifestFields(BaseModel):
+    """A manifest as it travels: exactly these JSON keys, each of exactly its type
+    (strict: no "1" for 1, no 1.0 for 1, no true for 1)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    version: Count
+    parent: Count | None
+    algorithm: str
+    config_hash: str
+    schema_: str = Field(alias="schema")  # ``schema`` would shadow BaseModel's method
+    size: Count
+    sha256: Sha256
+    chunks: Annotated[list[Sha256], Field(min_length=1)]
+    examples_learned: Count
+    created_at: float
 
 
 def _sha(data: bytes) -> str:
@@ -94,15 +127,24 @@ def _check_size(key: bytes, value: bytes) -> None:
         raise ValueError(f"model message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")
 
 
-def _kind(headers: list[tuple[str, bytes]] | None) -> str:
-    return next((v.decode() for k, v in headers or [] if k == "metarec-kind"), "")
+KIND_HEADER = "metarec-kind"
+_KEY = re.compile(rb"v([0-9]{10})/(?:chunk/([0-9]{5})|manifest)")
 
 
-def _version_of(key: bytes | None) -> int | None:
-    try:
-        return int(key.split(b"/", 1)[0][1:]) if key else None
-    except ValueError:
+def _parse_key(key: bytes) -> tuple[int, int | None] | None:
+    """``(version, chunk index)``, index None for the manifest; None if the key is
+    not one of ours. Exactly the published form: ``int()`` alone would also take
+    " 1", "+1" or "1_0"."""
+    found = _KEY.fullmatch(key)
+    if found is None:
         return None
+    return int(found[1]), None if found[2] is None else int(found[2])
+
+
+def _kind(headers: Iterable[tuple[str, bytes | None]] | None) -> bytes | None:
+    """The ``metarec-kind`` header's value, compared as bytes (never decoded: a
+    foreign value need not be text)."""
+    return next((v for k, v in headers or [] if k == KIND_HEADER), None)
 
 
 @dataclass
@@ -111,43 +153,74 @@ class Loaded:
     payload: bytes
 
 
+@dataclass
 class VersionAssembler:
     """Feed it the model topic in order; it keeps the newest complete version
-    (or only version ``want``)."""
+    (or only version ``want``).
 
-    def __init__(self, want: int | None = None) -> None:
-        self.want = want
-        self.chunks: dict[int, dict[int, bytes]] = {}
-        self.newest: Loaded | None = None
-        self.rejected: dict[int, str] = {}
+    ``rejected`` names the versions that were ours but broken (a chunk missing or
+    corrupt); ``skipped`` counts, by reason, the messages that could not be parsed
+    at all. Neither stops it: the good versions around them are still assembled."""
 
-    def add(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
-        version = _version_of(key)
-        if version is None or key is None or (self.want is not None and version != self.want):
-            return
+    want: int | None = None
+    chunks: dict[int, dict[int, list[bytes]]] = field(default_factory=dict)
+    newest: Loaded | None = None
+    rejected: dict[int, str] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def add(self, key: bytes | None, value: bytes | None,
+            headers: Iterable[tuple[str, bytes | None]] | None) -> None:
+        if key is None:
+            return self._skip("no_key", "a message without a key")
+        parsed = _parse_key(key)
+        if parsed is None:
+            return self._skip("bad_key", f"key {key[:80]!r}")
+        version, index = parsed
         kind = _kind(headers)
-        if kind == "chunk":
-            index = int(key.rsplit(b"/", 1)[1])
-            self.chunks.setdefault(version, {})[index] = value
-        elif kind == "manifest":
+        if kind != (b"manifest" if index is None else b"chunk"):
+            return self._skip("bad_kind", f"{KIND_HEADER} {kind!r:.80} on key {key!r}")
+        if value is None:
+            return self._skip("no_value", f"key {key!r} without a value")
+        if self.want is not None and version != self.want:
+            return
+        if index is None:
             self._complete(version, value)
+        else:
+            # every value seen for a chunk is kept until its manifest says which is
+            # right: a foreign message under a good key must not spoil the version
+            self.chunks.setdefault(version, {}).setdefault(index, []).append(value)
+
+    def _skip(self, reason: str, detail: str) -> None:
+        if not self.skipped[reason]:  # once per reason, not once per message
+            log.warning("model topic: skipping a message it cannot parse (%s: %s); "
+                        "more of this kind are counted, not logged", reason, detail)
+        self.skipped[reason] += 1
 
     def _complete(self, version: int, raw: bytes) -> None:
         try:
             manifest = Manifest.from_json(raw)
-        except (ValueError, TypeError) as exc:
-            self.rejected[version] = f"unreadable manifest: {exc}"
-            return
+        except ValidationError as exc:
+            # the chunks stay: this version's own manifest may still come
+            return self._skip("bad_manifest", f"version {version}: "
+                              f"{exc.error_count()} error(s), first: {exc.errors()[0]['msg']}")
+        if manifest.version != version:
+            return self._skip("bad_manifest", f"key of version {version} holds a manifest "
+                              f"of version {manifest.version}")
         parts = self.chunks.pop(version, {})
-        if sorted(parts) != list(range(len(manifest.chunks))):
-            self.rejected[version] = f"has {len(parts)} of {len(manifest.chunks)} chunks"
+        n = len(manifest.chunks)
+        present = [i for i in range(n) if i in parts]
+        if len(present) < n:
+            self.rejected[version] = f"has {len(present)} of {n} chunks"
             return
-        if any(_sha(parts[i]) != h for i, h in enumerate(manifest.chunks)):
+        chosen = [next((c for c in parts[i] if _sha(c) == h), None)
+                  for i, h in enumerate(manifest.chunks)]
+        if any(c is None for c in chosen):
             self.rejected[version] = "chunk checksum mismatch"
             return
-        payload = b"".join(parts[i] for i in range(len(manifest.chunks)))
-        if _sha(payload) != manifest.sha256 or manifest.schema != SCHEMA:
-            self.rejected[version] = "payload checksum or schema mismatch"
+        payload = b"".join(c for c in chosen if c is not None)
+        if (len(payload) != manifest.size or _sha(payload) != manifest.sha256
+                or manifest.schema != SCHEMA):
+            self.rejected[version] = "payload size, checksum or schema mismatch"
             return
         if self.newest is None or manifest.version > self.newest.manifest.version:
             self.newest = Loaded(manifest, payload)
@@ -176,7 +249,7 @@ def read_versions(bootstrap_servers: str, topic: str, *, settle_ms: int = 1500,
             batch = consumer.poll(timeout_ms=100, max_records=500)
             msgs = batch.get(tp, [])
             for m in msgs:
-                assembler.add(m.key, m.value, list(m.headers or []))
+                assembler.add(m.key, m.value, m.headers)
             if msgs:
                 quiet_since = time.monotonic()
             elif consumer.position(tp) >= end and (
@@ -186,4 +259,7 @@ def read_versions(bootstrap_servers: str, topic: str, *, settle_ms: int = 1500,
         consumer.close()
     for version, why in assembler.rejected.items():
         log.warning("model version %d ignored: %s", version, why)
+    if assembler.skipped:
+        log.warning("model topic %s: skipped %d message(s) that are not model versions: %s",
+                    topic, assembler.skipped.total(), dict(assembler.skipped))
     return assembler
