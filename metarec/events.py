@@ -6,9 +6,13 @@ Two event types arrive on the events topic, keyed by user id:
   already joined may carry ``clicked``; otherwise a later ``click`` labels it.
 * ``click``: the user clicked an impression.
 
-Timestamps are event time in seconds since the Unix epoch (float). Anything that
-does not fit is *data*, not an exception: :func:`decode_event` returns a
-:class:`Rejected` with a reason from :data:`REJECT_REASONS`.
+Timestamps are event time in seconds since the Unix epoch (float); ``clicked`` is
+a JSON boolean (or absent, or null); identifiers and features are Unicode text
+(JSON's parser refuses a lone surrogate escape such as ``"\\ud800"``, so nothing
+downstream meets one when it encodes them), and the feature maps are bounded
+(:data:`MAX_FEATURES`, :data:`MAX_FEATURE_VALUES`). Anything that does not fit is
+*data*, not an exception: :func:`decode_event` returns a :class:`Rejected` with a
+reason from :data:`REJECT_REASONS`.
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 #: 1990-01-01 .. 2200-01-01: a timestamp outside is a unit mistake (ms, us) or garbage.
 MIN_TIMESTAMP = 631_152_000.0
 MAX_TIMESTAMP = 7_258_118_400.0
 
-FeatureValue = str | int | float | bool | list[str]
+#: features per map, and values per list-valued feature, at most: the encoder keeps a
+#: few tokens of each map, and a long list only costs validation time and memory
+MAX_FEATURES = 64
+MAX_FEATURE_VALUES = 64
+
+FeatureValue = str | int | float | bool | Annotated[list[str],
+                                                   Field(max_length=MAX_FEATURE_VALUES)]
+Features = Annotated[dict[str, FeatureValue], Field(max_length=MAX_FEATURES)]
 Identifier = Annotated[str, Field(min_length=1, max_length=256)]
 
-REJECT_REASONS = ("oversized", "not_json", "unknown_type", "bad_timestamp", "schema")
+#: why a record is dead-lettered: the first five by :func:`decode_event`, the last two
+#: by the stream (:mod:`metarec.ordering`, :mod:`metarec.joiner`)
+REJECT_REASONS = ("oversized", "not_json", "unknown_type", "bad_timestamp", "schema",
+                  "ahead_of_stream", "join_mismatch")
 
 
 def _plausible_time(value: float) -> float:
@@ -56,10 +71,11 @@ class Impression:
     item_id: Identifier
     impression_id: Identifier
     timestamp: Timestamp
-    context: dict[str, FeatureValue] = field(default_factory=dict)
-    user_features: dict[str, FeatureValue] = field(default_factory=dict)
-    item_features: dict[str, FeatureValue] = field(default_factory=dict)
-    clicked: bool | None = None
+    context: Features = field(default_factory=dict)
+    user_features: Features = field(default_factory=dict)
+    item_features: Features = field(default_factory=dict)
+    # strict: lax bool took "yes", "on", "t" and 1 for true
+    clicked: StrictBool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,11 +113,18 @@ def decode_event(raw: bytes, *, max_bytes: int) -> Impression | Click | Rejected
         return Rejected(_reason(exc), _summary(exc))
 
 
+#: what pydantic's JSON parser says of a lone surrogate escape (``"\ud800"`` unpaired)
+_SURROGATE_ERRORS = ("surrogate in hex escape", "end of hex escape")
+#: the members of FeatureValue, as pydantic names them in an error's location
+_FEATURE_MEMBERS = frozenset({"str", "int", "float", "bool", "list[str]"})
+
+
 def _reason(exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
     kinds = {e["type"] for e in errors}
     if "json_invalid" in kinds:
-        return "not_json"
+        # well-formed JSON, but a string in it is no Unicode text: the schema's call
+        return "schema" if _lone_surrogate(errors) else "not_json"
     if kinds & {"union_tag_invalid", "union_tag_not_found"}:
         return "unknown_type"
     if any(e["loc"] and e["loc"][-1] == "timestamp" for e in errors):
@@ -109,6 +132,34 @@ def _reason(exc: ValidationError) -> str:
     return "schema"
 
 
+def _lone_surrogate(errors: list[ErrorDetails]) -> bool:
+    return any(e["type"] == "json_invalid" and any(s in e["msg"] for s in _SURROGATE_ERRORS)
+               for e in errors)
+
+
 def _summary(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()]
+    errors = exc.errors(include_url=False)
+    if _lone_surrogate(errors):
+        where = errors[0]["msg"].rpartition(" at ")[2]
+        return (f"a string holds a lone surrogate escape (\\ud800-\\udfff without its "
+                f"pair), which is not Unicode text, at {where}")
+    parts: list[str] = []
+    for error in errors:
+        part = _describe(error)
+        if part is not None and part not in parts:
+            parts.append(part)
     return "; ".join(parts)[:500]
+
+
+def _describe(error: ErrorDetails) -> str | None:
+    loc, msg = error["loc"], error["msg"]
+    if len(loc) > 3 and loc[3] in _FEATURE_MEMBERS:
+        # a feature value fails each member of FeatureValue: say why once, as the
+        # members of its shape see it (a list: list[str]; anything else: the scalars)
+        a_list = len(loc) > 4 or isinstance(error["input"], list)
+        if a_list != (loc[3] == "list[str]"):
+            return None
+        if not a_list:
+            msg = "should be a string, a number, a boolean or a list of strings"
+        loc = loc[:3] + loc[4:]
+    return f"{'.'.join(map(str, loc)) or '<root>'}: {msg}"

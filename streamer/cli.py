@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import json
 import logging
+import socket
 import sys
 import threading
 import types
@@ -29,7 +31,7 @@ from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker
 from streamer.metrics import Metrics
 from streamer.model_topic import read_versions
-from streamer.sources import SourceError, read_source
+from streamer.sources import SourceError, check_source, read_source
 
 log = logging.getLogger("metarec")
 EMBEDDED_IDLE_EXIT_SECONDS = 10.0
@@ -131,11 +133,43 @@ def _require_bootstrap(settings: Settings) -> str:
     return settings.bootstrap_servers
 
 
+def _metrics_port_problem(host: str, port: int) -> str | None:
+    """Why the metrics endpoint cannot listen on host:port (None: it can), found by
+    binding as its server will: the address family getaddrinfo gives, SO_REUSEADDR
+    (a port a stopped run left in TIME_WAIT is free)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return _metrics_port_message(host, port, exc)
+    return None
+
+
+def _metrics_port_message(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"metarec: the metrics port {host}:{port} is in use (another metarec run on "
+                "this host?): pick another with --metrics-port, or 0 to turn metrics off")
+    return (f"metarec: cannot serve metrics on {host}:{port} ({exc.strerror or exc}): pick "
+            "another --metrics-host or --metrics-port, or --metrics-port 0 to turn metrics off")
+
+
 def cmd_run(settings: Settings) -> int:
     from streamer.runner import Runner
 
+    # before any broker or consumer starts: a second run on a host must not join the
+    # group (and take partitions) only to fail once it has them
+    if settings.metrics_port:
+        problem = _metrics_port_problem(settings.metrics_host, settings.metrics_port)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 2
     broker: EmbeddedBroker | None = None
     bootstrap = settings.bootstrap_servers
+    if bootstrap is None and settings.demo_source:
+        check_source(settings.demo_source)
     if bootstrap is None:
         broker = EmbeddedBroker()
         log.info("no --bootstrap-servers given: starting the embedded Kafka-compatible broker "
@@ -148,7 +182,12 @@ def cmd_run(settings: Settings) -> int:
     try:
         metrics = Metrics()
         if settings.metrics_port:
-            metrics.serve(settings.metrics_port, settings.metrics_host)
+            try:
+                metrics.serve(settings.metrics_port, settings.metrics_host)
+            except OSError as exc:  # taken since the check above
+                print(_metrics_port_message(settings.metrics_host, settings.metrics_port, exc),
+                      file=sys.stderr)
+                return 2
             log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
                      settings.metrics_port)
         runner = Runner(settings, bootstrap, metrics)
@@ -180,6 +219,8 @@ def _feed_demo(bootstrap: str, settings: Settings) -> threading.Thread:
         try:
             n = kafka_io.produce_records(prod, settings.events_topic, read_source(source))
             log.info("demo: streamed %d %s events into %s", n, source, settings.events_topic)
+        except SourceError as exc:  # one line, not a thread's traceback
+            log.error("demo: %s", exc)
         finally:
             prod.close()
 
@@ -202,6 +243,7 @@ def _show_model_topic(bootstrap: str, settings: Settings) -> None:
 
 def cmd_produce(settings: Settings, source: str, topic: str | None) -> int:
     bootstrap = _require_bootstrap(settings)
+    check_source(source)
     kafka_io.ensure_topics(bootstrap, settings)
     prod = kafka_io.producer(bootstrap)
     try:
@@ -215,6 +257,7 @@ def cmd_produce(settings: Settings, source: str, topic: str | None) -> int:
 def cmd_replay(settings: Settings, source: str, summary_json: Path | None) -> int:
     from streamer.replay import replay
 
+    check_source(source)  # before the model is built and warmed up
     summary = replay(settings, source)
     for line in summary.lines():
         print(line)

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from metarec.events import Click, Impression, Rejected, decode_event
+from metarec.events import (
+    MAX_FEATURE_VALUES,
+    MAX_FEATURES,
+    Click,
+    Impression,
+    Rejected,
+    decode_event,
+)
 
 GOOD = {"type": "impression", "impression_id": "i1", "user_id": "u1", "item_id": "a1",
         "timestamp": 1_700_000_000.5}
@@ -30,6 +37,7 @@ def test_valid_impression_and_click_decode_with_ids_as_strings() -> None:
     [
         (b"not json at all", "not_json"),
         (b"\xff\xfe\x00", "not_json"),
+        (raw(user_id="x").replace(b'"x"', b'"\\u12"'), "not_json"),  # a broken escape
         (raw(type="purchase"), "unknown_type"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "type"}).encode(), "unknown_type"),
         (raw(timestamp=1_700_000_000_000), "bad_timestamp"),  # milliseconds: a unit mistake
@@ -56,3 +64,82 @@ def test_unknown_fields_are_ignored_and_a_decoded_event_is_immutable() -> None:
     assert imp.item_features == {"year": 1995} and imp.context == {}
     with pytest.raises(AttributeError):
         imp.user_id = "someone else"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", [True, False, None])
+def test_clicked_is_a_json_boolean_or_null(value: bool | None) -> None:
+    imp = decode_event(raw(clicked=value), max_bytes=1000)
+    assert isinstance(imp, Impression) and imp.clicked is value
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "t", "true", 1, 0, 1.0, [True]])
+def test_clicked_that_only_looks_boolean_is_rejected(value: object) -> None:
+    out = decode_event(raw(clicked=value), max_bytes=1000)
+    assert isinstance(out, Rejected)
+    assert out.reason == "schema" and "clicked" in out.detail
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"user_id": "\ud800"},
+        {"item_id": "a\udfffb"},
+        {"impression_id": "x\ud83d"},  # the high half of a pair, alone
+        {"context": {"\udc80": "web"}},
+        {"user_features": {"name": "\ud800"}},
+        {"item_features": {"genre": ["ok", "\udbff"]}},
+    ],
+)
+def test_a_lone_surrogate_in_an_id_or_feature_is_a_schema_rejection(
+        changes: dict[str, object]) -> None:
+    """JSON may escape half of a UTF-16 pair; that is no Unicode text, and would
+    fail wherever the string is encoded later (feature hashing, keys, logs)."""
+    out = decode_event(raw(**changes), max_bytes=1000)
+    assert isinstance(out, Rejected)
+    assert out.reason == "schema" and "lone surrogate" in out.detail
+
+
+def test_an_escaped_surrogate_pair_is_one_character() -> None:
+    imp = decode_event(raw(user_id="\U0001f600"), max_bytes=1000)
+    assert isinstance(imp, Impression) and imp.user_id == "\U0001f600"
+    assert imp.user_id.encode() == b"\xf0\x9f\x98\x80"
+
+
+def test_a_feature_list_longer_than_the_limit_is_rejected_saying_the_limit() -> None:
+    at_limit = decode_event(raw(item_features={"genre": ["g"] * MAX_FEATURE_VALUES}),
+                            max_bytes=1000)
+    assert isinstance(at_limit, Impression)
+    out = decode_event(raw(item_features={"genre": ["g"] * (MAX_FEATURE_VALUES + 1)}),
+                       max_bytes=1000)
+    assert isinstance(out, Rejected) and out.reason == "schema"
+    assert out.detail == (f"impression.item_features.genre: List should have at most "
+                          f"{MAX_FEATURE_VALUES} items after validation, not "
+                          f"{MAX_FEATURE_VALUES + 1}")
+
+
+@pytest.mark.parametrize("group", ["context", "user_features", "item_features"])
+def test_a_feature_map_with_more_features_than_the_limit_is_rejected(group: str) -> None:
+    at_limit = decode_event(raw(**{group: {f"f{n}": n for n in range(MAX_FEATURES)}}),
+                            max_bytes=2000)
+    assert isinstance(at_limit, Impression)
+    out = decode_event(raw(**{group: {f"f{n}": n for n in range(MAX_FEATURES + 1)}}),
+                       max_bytes=2000)
+    assert isinstance(out, Rejected) and out.reason == "schema"
+    assert f"{group}: Dictionary should have at most {MAX_FEATURES} items" in out.detail
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        ({"nested": 1}, "impression.context.f: should be a string, a number, a boolean or a "
+                        "list of strings"),
+        (None, "impression.context.f: should be a string, a number, a boolean or a "
+               "list of strings"),
+        (["a", True], "impression.context.f.1: Input should be a valid string"),
+    ],
+)
+def test_a_bad_feature_value_is_explained_once_not_once_per_type_it_could_have_been(
+        value: object, detail: str) -> None:
+    out = decode_event(raw(context={"f": value}), max_bytes=1000)
+    assert isinstance(out, Rejected) and out.reason == "schema"
+    assert out.detail == detail
