@@ -1,31 +1,45 @@
 """Join clicks to impressions in event time.
 
 * An impression that already carries ``clicked`` is labelled at once.
-* A click labels its pending impression 1 if it comes within the attribution
-  window of the impression's time.
-* A pending impression is labelled 0 once the watermark (highest event time
-  seen minus the allowed lateness) passes the end of its window.
-* A click that arrives before its impression waits (bounded) for it.
+* A click labels its pending impression 1 if it names the same user and item and
+  comes within the attribution window of the impression's time. By default
+  (``ClickRelease.WINDOW_END``) that label is learned when the window closes,
+  with the no-clicks of its time: learning clicks as they come while no-clicks
+  wait a window shows the learner the positives first, and on a stream not much
+  longer than the window it learns that nearly everything is clicked (the
+  delayed-feedback bias; Chapelle 2014, Ktena et al. 2019). ``ON_ARRIVAL``
+  learns a click at once, for windows short against the stream. A click that
+  names a pending impression of another user or item is rejected
+  (``join_mismatch``), so one client's clicks cannot relabel another's.
+* A pending impression is labelled 0 once the watermark passes the end of its
+  window. The watermark is the lower median of the last five event times fed to
+  :meth:`Joiner.advance`, minus the allowed lateness: one outlier cannot move it,
+  and it never goes back.
+* A click that arrives before its impression waits (bounded) for it; an
+  impression whose window closed before it arrived is dropped (``late_impression``).
+* An impression id seen again within ``dedup_horizon`` seconds of event time
+  (pending, or already labelled) is dropped and counted: a re-sent record is not
+  learned twice.
 
-With several source partitions, each has its own event-time high mark and the
-watermark follows the slowest partition that is still active (one that gave a
-record within ``idle_after`` seconds of wall time), so a partition read ahead
-cannot close the windows of impressions still unread in another.
-
-Memory is bounded: past ``max_pending`` the impression whose window ends first
-is closed early as a non-click (counted as ``evicted``); orphan clicks past
-``max_orphans`` are dropped (counted). Everything runs on event timestamps, so a
-replay joins exactly like the live run.
+The joiner is fed one stream in event-time order (see
+:class:`metarec.ordering.EventTimeOrder` for several partitions), so a replay
+joins exactly like the live run. Memory is bounded: past ``max_pending``
+impressions or ``max_pending_bytes`` of their records, the impression whose
+window ends first is closed early as a non-click (``evicted``); orphan clicks
+past ``max_orphans`` and remembered ids past ``max_seen`` are dropped.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from metarec.events import Click, Impression
+from metarec.events import Click, Impression, Rejected
+from metarec.ordering import RecentMedian
 
 
 @dataclass(slots=True)
@@ -43,122 +57,170 @@ class Labelled:
     scored: Scored
 
 
+class ClickRelease(enum.StrEnum):
+    """When a joined click is learned."""
+
+    WINDOW_END = "window_end"
+    ON_ARRIVAL = "on_arrival"
+
+
 @dataclass(slots=True)
 class _Pending:
     impression: Impression
     scored: Scored
     partition: int
     offset: int
+    size: int
+    clicked: bool = False
 
 
 @dataclass
 class Joiner:
     window: float = 3600.0
     lateness: float = 60.0
+    release: ClickRelease = ClickRelease.WINDOW_END
     max_pending: int = 1_000_000
+    max_pending_bytes: int = 256 << 20
     max_orphans: int = 100_000
-    idle_after: float = 10.0
+    dedup_horizon: float = 86_400.0
+    max_seen: int = 1_000_000
     watermark: float = -math.inf
     stats: Counter[str] = field(default_factory=Counter)
+    pending_bytes: int = 0
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
-    _orphans: OrderedDict[str, float] = field(default_factory=OrderedDict)
-    _high: dict[int, float] = field(default_factory=dict)  # partition -> highest event time
-    _heard: dict[int, float] = field(default_factory=dict)  # partition -> last wall time
-    _last_now: float | None = None  # wall time of the last watermark computation
-    _lowest: int | None = None  # the partition that set it
+    # clicks waiting for their impression, by (impression, user, item): a foreign
+    # click naming the same impression waits apart and cannot shadow the real one
+    _orphans: OrderedDict[tuple[str, str, str], float] = field(default_factory=OrderedDict)
+    # labelled impression ids -> until when (event time) a repeat is a duplicate;
+    # inserted in about event-time order, so the oldest are at the front
+    _seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    _clock: RecentMedian = field(default_factory=RecentMedian)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def track(self, partitions: list[int], now: float) -> None:
-        """Partitions assigned to this reader hold the watermark back from the
-        start, until they deliver or stay silent for ``idle_after`` seconds."""
-        for p in partitions:
-            self._high.setdefault(p, -math.inf)
-            self._heard.setdefault(p, now)
-
-    def advance(self, timestamp: float, partition: int = -1,
-                now: float | None = None) -> list[Labelled]:
-        """Move the watermark with an event's time; close the windows it passes.
-        ``now`` (monotonic wall time) marks the partition active; None: always active."""
-        if now is not None:
-            self._heard[partition] = now
-        if timestamp > self._high.get(partition, -math.inf):
-            self._high[partition] = timestamp
-            if now == self._last_now and self._lowest not in (None, partition):
-                return []  # not the slowest partition that rose: the minimum stays
-        elif now == self._last_now:
-            # no partition's high rose and none fell idle: the watermark cannot move,
-            # and everything it had passed is already closed
+    def advance(self, timestamp: float) -> list[Labelled]:
+        """Move the clock with an event's time; close the windows the watermark passes."""
+        mark = self._clock.add(timestamp) - self.lateness
+        if mark <= self.watermark:
             return []
-        self._last_now = now
-        if len(self._high) == 1:  # one source partition, the one that just delivered
-            low, self._lowest = self._high[partition], partition
-        else:
-            low, self._lowest = min(
-                (t, p) for p, t in self._high.items()
-                if now is None or now - self._heard.get(p, now) <= self.idle_after)
-        self.watermark = max(self.watermark, low - self.lateness)
+        self.watermark = mark
+        return self._close(mark)
+
+    def close_all(self) -> list[Labelled]:
+        """End of a finite log: every window is over (clicked ones labelled 1)."""
+        self.watermark = math.inf
+        return self._close(math.inf)
+
+    def _close(self, mark: float) -> list[Labelled]:
         out: list[Labelled] = []
-        while self._deadlines and self._deadlines[0][0] < self.watermark:
+        while self._deadlines and self._deadlines[0][0] < mark:
             _, imp_id = heapq.heappop(self._deadlines)
-            pend = self._pending.pop(imp_id, None)
+            pend = self._pop(imp_id)
             if pend is not None:
-                self.stats["no_click"] += 1
-                out.append(Labelled(pend.impression, 0.0, pend.scored))
+                self.stats["clicked" if pend.clicked else "no_click"] += 1
+                out.append(Labelled(pend.impression, float(pend.clicked), pend.scored))
         while self._orphans:
-            imp_id, ts = next(iter(self._orphans.items()))
-            if ts + self.window >= self.watermark:
+            key, ts = next(iter(self._orphans.items()))
+            if ts + self.window >= mark:
                 break
-            del self._orphans[imp_id]
+            del self._orphans[key]
             self.stats["orphan_click_expired"] += 1
+        while self._seen:
+            imp_id, until = next(iter(self._seen.items()))
+            if until >= mark:
+                break
+            del self._seen[imp_id]
         return out
 
     def impression(self, imp: Impression, scored: Scored, partition: int = -1,
-                   offset: int = -1) -> list[Labelled]:
-        if imp.clicked is not None:
-            self.stats["prelabelled"] += 1
-            return [Labelled(imp, float(imp.clicked), scored)]
-        if imp.impression_id in self._pending:
+                   offset: int = -1, size: int = 0) -> list[Labelled]:
+        """An impression, scored before this call; ``size``: its record's bytes."""
+        imp_id = imp.impression_id
+        if imp_id in self._pending or imp_id in self._seen:
             self.stats["duplicate_impression"] += 1
             return []
-        click_ts = self._orphans.pop(imp.impression_id, None)
-        if click_ts is not None and 0 <= click_ts - imp.timestamp <= self.window:
+        if imp.clicked is not None:
+            self.stats["prelabelled"] += 1
+            self._remember(imp)
+            return [Labelled(imp, float(imp.clicked), scored)]
+        click_ts = self._orphans.pop((imp_id, imp.user_id, imp.item_id), None)
+        clicked = click_ts is not None and 0 <= click_ts - imp.timestamp <= self.window
+        if clicked and self.release is ClickRelease.ON_ARRIVAL:
             self.stats["clicked"] += 1
+            self._remember(imp)
             return [Labelled(imp, 1.0, scored)]
         deadline = imp.timestamp + self.window
         if deadline < self.watermark:
+            # its window closed before it came: its click may have come and gone, so
+            # no label can be trusted (and past the dedup horizon it may be a repeat)
             self.stats["late_impression"] += 1
-            return [Labelled(imp, 0.0, scored)]
-        self._pending[imp.impression_id] = _Pending(imp, scored, partition, offset)
-        heapq.heappush(self._deadlines, (deadline, imp.impression_id))
+            return []
+        self._pending[imp_id] = _Pending(imp, scored, partition, offset, size, clicked)
+        self.pending_bytes += size
+        heapq.heappush(self._deadlines, (deadline, imp_id))
         return self._evict()
 
-    def click(self, click: Click) -> list[Labelled]:
+    def click(self, click: Click) -> list[Labelled] | Rejected:
+        """A click: its impression's label, nothing yet, or why it cannot be joined."""
         pend = self._pending.get(click.impression_id)
         if pend is None:
-            if click.timestamp + self.window < self.watermark:
+            if click.impression_id in self._seen or click.timestamp + self.window < self.watermark:
                 self.stats["late_click"] += 1
             else:
-                self._orphans[click.impression_id] = click.timestamp
+                key = (click.impression_id, click.user_id, click.item_id)
+                self._orphans[key] = click.timestamp
                 if len(self._orphans) > self.max_orphans:
                     self._orphans.popitem(last=False)
                     self.stats["orphan_click_evicted"] += 1
             return []
-        if not 0 <= click.timestamp - pend.impression.timestamp <= self.window:
+        imp = pend.impression
+        if (click.user_id, click.item_id) != (imp.user_id, imp.item_id):
+            self.stats["click_mismatch"] += 1
+            return Rejected("join_mismatch",
+                            f"click on impression {click.impression_id!r} names user "
+                            f"{click.user_id!r} and item {click.item_id!r}; the impression "
+                            f"is user {imp.user_id!r}'s, of item {imp.item_id!r}")
+        if not 0 <= click.timestamp - imp.timestamp <= self.window:
             self.stats["click_outside_window"] += 1
             return []
-        del self._pending[click.impression_id]  # its heap entry is skipped when popped
+        if self.release is ClickRelease.WINDOW_END:
+            if pend.clicked:
+                self.stats["duplicate_click"] += 1
+            pend.clicked = True
+            return []
+        self._pop(click.impression_id)  # its heap entry is skipped when popped
         self.stats["clicked"] += 1
-        return [Labelled(pend.impression, 1.0, pend.scored)]
+        return [Labelled(imp, 1.0, pend.scored)]
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Forget the pending impressions of partitions given to another reader
+        (it reads them again from the last commit, which never passed them)."""
+        gone = set(partitions)
+        for imp_id in [i for i, pend in self._pending.items() if pend.partition in gone]:
+            pend = self._pending.pop(imp_id)
+            self.pending_bytes -= pend.size
+
+    def _pop(self, imp_id: str) -> _Pending | None:
+        pend = self._pending.pop(imp_id, None)
+        if pend is not None:
+            self.pending_bytes -= pend.size
+            self._remember(pend.impression)
+        return pend
+
+    def _remember(self, imp: Impression) -> None:
+        self._seen[imp.impression_id] = imp.timestamp + self.dedup_horizon
+        if len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
 
     def _evict(self) -> list[Labelled]:
         out: list[Labelled] = []
-        while len(self._pending) > self.max_pending:
+        while len(self._pending) > self.max_pending or (
+                self.pending_bytes > self.max_pending_bytes and len(self._pending) > 1):
             _, imp_id = heapq.heappop(self._deadlines)
-            pend = self._pending.pop(imp_id, None)
+            pend = self._pop(imp_id)
             if pend is not None:
                 self.stats["evicted"] += 1
                 out.append(Labelled(pend.impression, 0.0, pend.scored))

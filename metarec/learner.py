@@ -140,7 +140,9 @@ class OnlineLearner:
         side = np.empty((n, d), dtype=np.float32)
         base = np.empty(n, dtype=np.float32)
         t = self.theta
-        kernels.represent(item.reshape(n), item_feats.reshape(n, -1), user_feats.reshape(n, -1),
+        # explicit widths: a batch may hold no example at all (impressions, no label)
+        kernels.represent(item.reshape(n), item_feats.reshape(n, item_feats.shape[-1]),
+                          user_feats.reshape(n, user_feats.shape[-1]),
                           t["item_emb"].numpy(), t["item_bias"].numpy(), t["feat_emb"].numpy(),
                           t["feat_bias"].numpy(), float(t["global_bias"]), q, base, side)
         return q.reshape(*shape, d), base.reshape(shape), side.reshape(*shape, d)

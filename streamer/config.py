@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metarec.features import FeatureSpec
+from metarec.joiner import ClickRelease
 from metarec.learner import LearnerConfig
 from metarec.meta import Algorithm, MetaConfig
 from metarec.model import Adaptation, ModelConfig
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
         6000, ge=1000, description="consumer group session timeout; brokers finish a join in "
         "about half of it on first start")
     max_batch_records: int = Field(200, ge=1, description="records per micro-batch at most")
+    max_batch_wait_ms: int = Field(
+        1000, ge=0, description="run: learn a micro-batch short of max_batch_records once its "
+        "first event has waited this long (micro-batch size moves θ's steps: whole ones "
+        "learn as a replay does)")
     poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
     commit_interval_ms: int = Field(
         1000, ge=0, description="commit offsets after the first micro-batch this long after "
@@ -49,6 +54,39 @@ class Settings(BaseSettings):
         86400.0, gt=0, description="events this far ahead of the wall clock are dead-lettered")
     max_pending_impressions: int = Field(
         1_000_000, ge=1, description="unlabelled impressions held at most (then closed as 0)")
+    click_release: ClickRelease = Field(
+        ClickRelease.WINDOW_END, description="when a joined click is learned: window_end "
+        "(with the no-clicks of its time, unbiased) or on_arrival (at once: faster, but "
+        "positives come first while windows are open)")
+    max_pending_bytes: int = Field(
+        256 << 20, ge=1, description="bytes of unlabelled impressions' records held at most "
+        "(then the earliest window is closed as 0)")
+    max_ahead_seconds: float = Field(
+        3600.0, gt=0, description="an event this far ahead of all its partition has given is "
+        "held aside: taken if the next record is near it (a real jump), dead-lettered "
+        "(ahead_of_stream) if the next two are far behind it")
+    dedup_horizon_seconds: float = Field(
+        86400.0, ge=0, description="an impression id seen again within this much event time "
+        "is a duplicate: dropped and counted")
+    idle_partition_seconds: float = Field(
+        10.0, gt=0, description="a partition silent this long (wall time) no longer holds "
+        "back the event-time merge of the others")
+    max_buffered_records: int = Field(
+        5000, ge=1, description="run: pause a partition holding this many records for the "
+        "event-time merge, until it holds half as many")
+    # memory
+    item_cache_bytes: int = Field(
+        64 << 20, ge=0, description="bytes of items' feature maps and hashed slots the "
+        "encoder caches at most, by estimate (0: no cache)")
+    user_cache_bytes: int = Field(
+        64 << 20, ge=0, description="bytes of users' feature maps and hashed slots the "
+        "encoder caches at most, by estimate (0: no cache)")
+    context_cache_bytes: int = Field(
+        16 << 20, ge=0, description="bytes of contexts and their hashed slots the encoder "
+        "caches at most, by estimate (0: no cache)")
+    token_cache_bytes: int = Field(
+        16 << 20, ge=0, description="bytes of feature tokens and their hash buckets cached "
+        "at most, by estimate (0: no cache); tokens over 256 characters are not cached")
     # learning
     algorithm: Algorithm = Field(Algorithm.REPTILE, description="meta-learning algorithm")
     dim: int = Field(32, ge=1, description="embedding and user-vector width")

@@ -87,6 +87,10 @@ class Metrics:
         self.users = Gauge("metarec_users", "Users with fast weights in memory", registry=r)
         self.pending = Gauge("metarec_pending_impressions", "Impressions waiting for a label",
                              registry=r)
+        self.pending_bytes = Gauge("metarec_pending_impression_bytes", "Bytes of the records "
+                                   "of impressions waiting for a label", registry=r)
+        self.buffered = Gauge("metarec_merge_buffered_records", "Records held for the "
+                              "event-time merge of partitions", registry=r)
         self.join = Counter("metarec_join_outcomes", "Join outcomes (clicked, no_click, "
                             "evicted, late_click, ...)", ["outcome"], registry=r)
         self.lag = Gauge("metarec_consumer_lag_records", "Records behind the end of the "
@@ -127,9 +131,9 @@ class Metrics:
         for dead in result.dead_letters:
             self.dead.labels(dead.reason).inc()
         self.batch_seconds.observe(result.seconds)
-        if result.meta is not None:
+        for meta in result.meta:
             self.meta_updates.inc()
-            self.meta_seconds.observe(result.meta.seconds)
+            self.meta_seconds.observe(meta.seconds)
         now = time.monotonic()
         if now - self._windowed_at >= 1.0:  # an AUC over 10,000 scores: not every batch
             self._windowed_at = now
@@ -140,6 +144,8 @@ class Metrics:
                 self.auc.set(auc)
         self.users.set(len(pipeline.learner.users))
         self.pending.set(pipeline.joiner.pending)
+        self.pending_bytes.set(pipeline.joiner.pending_bytes)
+        self.buffered.set(pipeline.buffered_total())
         if math.isfinite(pipeline.joiner.watermark):
             self.watermark.set(pipeline.joiner.watermark)
         for event in result.drift:

@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -20,9 +20,10 @@ from metarec.datasets.synthetic import SyntheticStream
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
 from metarec.encoding import Encoder
 from metarec.evaluation import Prequential
-from metarec.events import Impression, Rejected, decode_event
+from metarec.events import Click, Impression, Rejected, decode_event
 from metarec.joiner import Joiner, Labelled, Scored
 from metarec.learner import LEARN, PREDICT, MetaReport, OnlineLearner
+from metarec.ordering import EventTimeOrder, Held
 from streamer.config import Settings
 
 #: labelled predictions (or seconds) between feeds of the drift detectors
@@ -90,6 +91,13 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.user_id)
 
+    @classmethod
+    def concat(cls, parts: list[Predictions]) -> Predictions:
+        return cls([u for p in parts for u in p.user_id], [i for p in parts for i in p.item_id],
+                   np.concatenate([p.timestamp for p in parts]),
+                   np.concatenate([p.k for p in parts]), np.concatenate([p.p for p in parts]),
+                   np.concatenate([p.label for p in parts]))
+
     def __iter__(self) -> Iterator[Prediction]:
         for user, item, ts, k, p, label in zip(self.user_id, self.item_id,
                                                self.timestamp.tolist(), self.k.tolist(),
@@ -103,7 +111,7 @@ class BatchResult:
     events: Counter[str] = field(default_factory=Counter)
     predictions: Predictions = field(default_factory=Predictions)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    meta: MetaReport | None = None
+    meta: list[MetaReport] = field(default_factory=list)
     drift: list[DriftEvent] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -114,7 +122,14 @@ class Pipeline:
         self.learner = learner
         self.joiner = Joiner(window=settings.attribution_window_seconds,
                              lateness=settings.allowed_lateness_seconds,
-                             max_pending=settings.max_pending_impressions)
+                             release=settings.click_release,
+                             max_pending=settings.max_pending_impressions,
+                             max_pending_bytes=settings.max_pending_bytes,
+                             dedup_horizon=settings.dedup_horizon_seconds)
+        self.order: EventTimeOrder[tuple[Record, Impression | Click]] = EventTimeOrder(
+            max_ahead=settings.max_ahead_seconds, idle_after=settings.idle_partition_seconds)
+        self._ready: list[Held[tuple[Record, Impression | Click]]] = []  # released, unlearned
+        self._ready_since = 0.0
         self.encoder = Encoder(learner.config.model.features)
         self.evaluation = Prequential(keep_all=keep_all)
         self.drift = DriftMonitor(DriftConfig(segment_field=settings.drift_segment_field,
@@ -127,51 +142,147 @@ class Pipeline:
         self._drift_count = 0
         self._drift_at = time.monotonic()
 
-    def process(self, records: Sequence[Record]) -> BatchResult:
+    def process(self, records: Sequence[Record], caught_up: Collection[int] | None = None,
+                *, flush: bool = True) -> BatchResult:
+        """Raw records, each partition's in its order. ``caught_up``: partitions
+        known to be at the end of their log (they do not hold the others back; see
+        :class:`metarec.ordering.EventTimeOrder`). Released events are learned in
+        micro-batches of ``max_batch_records`` events; with ``flush`` False, fewer
+        wait for more, so the micro-batches (and θ's steps between them) are the
+        same however the records arrive: a backlog consumed from any number of
+        partitions learns as a replay of the same events does."""
         t0 = time.perf_counter()
         result = BatchResult(records=len(records))
-        batch = _OpsBuilder()
         now = time.monotonic()
-        # Against the wall clock, not the watermark: a quiet day in the stream must
-        # not make every later event look like it came from the future.
+        # Against the wall clock too: a unit mistake far in the future is garbage
+        # whatever the stream's own progress says.
         wall = time.time()
         latest = wall + self.settings.max_future_skew_seconds
         lo, hi = self.settings.replay_from, self.settings.replay_to
         lo, hi = -math.inf if lo is None else lo, math.inf if hi is None else hi
-        max_bytes, joiner, counts = self.settings.max_record_bytes, self.joiner, result.events
+        max_bytes, order, counts = self.settings.max_record_bytes, self.order, result.events
+        dead = result.dead_letters
         for rec in records:
             event = decode_event(rec.value, max_bytes=max_bytes)
             if not isinstance(event, Rejected) and event.timestamp > latest:
                 event = Rejected("bad_timestamp",
                                  f"{event.timestamp - wall:.0f} s ahead of the wall clock")
             if isinstance(event, Rejected):
-                result.dead_letters.append(DeadLetter(rec, event.reason, event.detail))
+                dead.append(DeadLetter(rec, event.reason, event.detail))
                 continue
             if not lo <= event.timestamp < hi:
                 counts["outside_range"] += 1
                 continue
             counts[event.type] += 1
-            closed = joiner.advance(event.timestamp, rec.partition, now)
+            for held in order.add(event.timestamp, rec.partition, rec.offset, (rec, event), now):
+                dead.append(self._ahead(held))
+        released = order.release(caught_up, now)
+        if released and not self._ready:
+            self._ready_since = now
+        self._ready += released
+        self._learn(result, flush=flush)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _learn(self, result: BatchResult, *, flush: bool,
+               closed: Sequence[Labelled] = ()) -> None:
+        """Join, predict and learn the released events (then ``closed``), in
+        micro-batches of ``max_batch_records`` events (the last one shorter only
+        with ``flush``): one poll may release thousands that waited for a slower
+        partition, and θ takes its online step (and a meta-update falls due)
+        between micro-batches, as in a replay of the same events."""
+        size = self.settings.max_batch_records
+        cut = len(self._ready) if flush else len(self._ready) // size * size
+        released, self._ready = self._ready[:cut], self._ready[cut:]
+        learned: list[Labelled] = []
+        for start in range(0, len(released), size):
+            batch = _OpsBuilder()
+            self._join(released[start:start + size], batch, result)
+            self._step(batch, learned, result)
+        for start in range(0, len(closed), size):
+            batch = _OpsBuilder()
+            batch.learn_all(list(closed[start:start + size]))
+            self._step(batch, learned, result)
+        self._account(learned, result)
+
+    def _join(self, released: list[Held[tuple[Record, Impression | Click]]],
+              batch: _OpsBuilder, result: BatchResult) -> None:
+        joiner = self.joiner
+        for held in released:
+            rec, event = held.item
+            closed = joiner.advance(event.timestamp)
             if closed:
                 batch.learn_all(closed)
             if isinstance(event, Impression):
                 scored = Scored()
                 batch.predict(event, scored)
-                batch.learn_all(joiner.impression(event, scored, rec.partition, rec.offset))
+                batch.learn_all(joiner.impression(event, scored, rec.partition, rec.offset,
+                                                  len(rec.value)))
+                continue
+            joined = joiner.click(event)
+            if isinstance(joined, Rejected):
+                result.dead_letters.append(DeadLetter(rec, joined.reason, joined.detail))
             else:
-                batch.learn_all(joiner.click(event))
-        self._run(batch, result)
-        result.seconds = time.perf_counter() - t0
-        return result
+                batch.learn_all(joined)
+
+    def _ahead(self, held: Held[tuple[Record, Impression | Click]]) -> DeadLetter:
+        rec, event = held.item
+        return DeadLetter(rec, "ahead_of_stream",
+                          f"event time {event.timestamp:.0f} is more than "
+                          f"{self.settings.max_ahead_seconds:.0f} s ahead of all that "
+                          f"partition {rec.partition} had given, and the records after it "
+                          "went on far behind it")
 
     def finish(self) -> BatchResult:
-        """End of a finite log: every window is over, label what is still pending."""
+        """End of a finite log: release what every partition still holds, then
+        every window is over: label what is still pending."""
         result = BatchResult()
-        batch = _OpsBuilder()
-        batch.learn_all(self.joiner.advance(math.inf))
-        self._run(batch, result)
-        result.drift += self.flush_drift()
+        released, rejected = self.order.finish()
+        result.dead_letters += [self._ahead(held) for held in rejected]
+        self._ready += released
+        self._learn(result, flush=True)
+        closed = BatchResult()
+        self._learn(closed, flush=True, closed=self.joiner.close_all())
+        result.predictions = Predictions.concat([result.predictions, closed.predictions])
+        result.meta += closed.meta
+        result.drift += closed.drift + self.flush_drift()
         return result
+
+    def track(self, partitions: Iterable[int], now: float) -> None:
+        """Partitions assigned to this reader (they hold the release back until
+        they deliver, catch up or fall idle)."""
+        self.order.track(partitions, now)
+
+    def revoke(self, partitions: Collection[int]) -> None:
+        """Partitions given to another reader: drop what of them is not yet learned
+        (the new owner reads it again from the last commit, which never passed it)."""
+        self.order.revoke(partitions)
+        self._ready = [h for h in self._ready if h.partition not in partitions]
+        self.joiner.revoke(partitions)
+
+    def held_offsets(self) -> dict[int, int]:
+        """The lowest offset per partition not yet fully learned from (buffered for
+        ordering, or an impression waiting for its label): commit no further."""
+        held = self.order.held_offsets()
+        for h in self._ready:
+            if h.offset >= 0:
+                held[h.partition] = min(h.offset, held.get(h.partition, h.offset))
+        for p, offset in self.joiner.oldest_offsets().items():
+            held[p] = min(offset, held.get(p, offset))
+        return held
+
+    def buffered(self) -> dict[int, int]:
+        """Events held for ordering, by partition (not those released and waiting
+        to fill a micro-batch)."""
+        return self.order.buffered()
+
+    def buffered_total(self) -> int:
+        """Events held for ordering or waiting to fill a micro-batch."""
+        return sum(self.order.buffered().values()) + len(self._ready)
+
+    def ready_seconds(self, now: float) -> float:
+        """How long released events have waited to fill a micro-batch (0: none)."""
+        return now - self._ready_since if self._ready else 0.0
 
     def flush_drift(self) -> list[DriftEvent]:
         """Feed the drift detectors every labelled prediction held back so far."""
@@ -186,25 +297,32 @@ class Pipeline:
             [item for preds, _ in pending for item in preds.item_id],
             [seg for _, segments in pending for seg in segments])
 
-    def _run(self, batch: _OpsBuilder, result: BatchResult) -> None:
+    def _step(self, batch: _OpsBuilder, learned: list[Labelled], result: BatchResult) -> None:
+        """One micro-batch through the learner, then a meta-update if one is due."""
         if batch.ops:
             ops = self.encoder.encode(*zip(*batch.ops, strict=True))
             scores = self.learner.process(ops)
             for i, scored in batch.scored:
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
-        if batch.learned:
-            preds = result.predictions = Predictions.of(batch.learned)
+        learned += batch.learned
+        if self.learner.meta_due:
+            report = self.learner.meta_update()
+            if report is not None:
+                result.meta.append(report)
+
+    def _account(self, learned: list[Labelled], result: BatchResult) -> None:
+        """Evaluation, drift and counters of what a call learned."""
+        if learned:
+            preds = result.predictions = Predictions.of(learned)
             self.evaluation.update(preds.p, preds.label, preds.k)
             field_name = self.drift.config.segment_field
-            segments = [lab.impression.context.get(field_name) for lab in batch.learned]
+            segments = [lab.impression.context.get(field_name) for lab in learned]
             self._drift_pending.append(
                 (preds, [None if seg is None else str(seg) for seg in segments]))
             self._drift_count += len(preds)
         if self._drift_count >= DRIFT_EVERY_LABELS or (
                 self._drift_count and time.monotonic() - self._drift_at >= DRIFT_EVERY_SECONDS):
             result.drift = self.flush_drift()
-        if self.learner.meta_due:
-            result.meta = self.learner.meta_update()
         for dead in result.dead_letters:
             self.dead_letters[dead.reason] += 1
         self.events.update(result.events)

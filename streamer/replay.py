@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,15 @@ from metarec.learner import OnlineLearner
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.model_topic import read_versions
-from streamer.pipeline import Pipeline, drift_json, warm_up, write_predictions
+from streamer.pipeline import Pipeline, Record, drift_json, warm_up, write_predictions
 from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
-from streamer.sources import SourceError, TopicRange, batched, read_source
+from streamer.sources import (
+    SourceError,
+    TopicRange,
+    batched,
+    read_source,
+    read_topic_batches,
+)
 
 log = logging.getLogger("metarec.replay")
 
@@ -130,17 +137,25 @@ class _Progress:
 
 
 def _total(source: str) -> int | None:
+    """Records in the source, for the progress line's ETA (None: unknown; a file
+    that cannot be read is the reader's to report)."""
     if source == "movielens-100k":
         return 100_000
     path = Path(source)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
 
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    if path.is_file():
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        lines = 0
         with path.open("rb") as f:
-            return sum(1 for _ in f) - (1 if path.suffix.lower() == ".csv" else 0)
-    return None
+            while chunk := f.read(1 << 20):  # a line may be endless: never read one whole
+                lines += chunk.count(b"\n")
+        return max(0, lines - (1 if path.suffix.lower() == ".csv" else 0))
+    except (OSError, ValueError):  # pyarrow's errors are these too; only an estimate
+        return None
 
 
 def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplaySummary:
@@ -148,7 +163,7 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
     topic_range = TopicRange(
         from_ms=None if s.replay_from is None else int(s.replay_from * 1000),
         from_offset=s.replay_from_offset, to_offset=s.replay_to_offset)
-    records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
+    batches = _batches(source, s, topic_range)
     with ExitStack() as stack:
         learner, version = _learner(s)
         pipeline = Pipeline(s, learner, keep_all=True)
@@ -164,15 +179,16 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         bar = _Progress(_total(source), s.log_every_seconds, progress)
         done, first_ts = 0, math.nan
         t0 = time.perf_counter()
-        for batch in batched(records, s.max_batch_records):
-            result = pipeline.process(batch)
+        for batch, caught_up in batches:
+            result = pipeline.process(batch, caught_up, flush=False)
             done += len(batch)
             if out is not None:
                 write_predictions(out, result.predictions)
             if drift_out is not None:
                 drift_out.writelines(drift_json(e) + "\n" for e in result.drift)
-            if publisher is not None and result.meta is not None:
-                publisher.after_meta_update(learner)
+            if publisher is not None:
+                for _ in result.meta:
+                    publisher.after_meta_update(learner)
             if s.replay_speed is not None:
                 first_ts = _pace(pipeline, s.replay_speed, t0, first_ts)
             bar.update(done, pipeline)
@@ -194,6 +210,25 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         drift_alarms=dict(Counter(e.signal for e in pipeline.drift.events)),
         versions=publisher.published if publisher is not None else [],
     )
+
+
+def _batches(source: str, s: Settings, topic_range: TopicRange
+             ) -> Iterator[tuple[list[Record], frozenset[int] | None]]:
+    """Micro-batches of the source, each with the partitions read to their end
+    (None: a file or dataset, one partition in its own order)."""
+    if not source.startswith("kafka:"):
+        records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
+        yield from ((batch, None) for batch in batched(records, s.max_batch_records))
+        return
+    if s.bootstrap_servers is None:
+        raise SourceError("a kafka: source needs --bootstrap-servers")
+    none: frozenset[int] = frozenset()
+    topic = source.removeprefix("kafka:")
+    for polled, at_end in read_topic_batches(s.bootstrap_servers, topic, topic_range):
+        chunks = list(batched(polled, s.max_batch_records)) or [[]]
+        # a partition is at its end only once its last records are in
+        for i, chunk in enumerate(chunks):
+            yield chunk, at_end if i == len(chunks) - 1 else none
 
 
 def _pace(pipeline: Pipeline, speed: float, t0: float, first_ts: float) -> float:

@@ -11,7 +11,6 @@ micro-batch, publish the model, commit and exit 0.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import signal
@@ -109,14 +108,15 @@ class Runner:
             stack.callback(prod.close)
             cons = kafka_io.consumer(self.bootstrap, s)
             stack.callback(cons.close)
-            cons.subscribe([s.events_topic], listener=_Rebalance(self))
+            cons.subscribe([s.events_topic], listener=_Rebalance(self, pipeline))
             self.publisher = Publisher(TopicSink(prod, s.model_topic, s.model_chunk_bytes),
                                        s.publish_every, self.version,
                                        min_seconds=s.publish_min_seconds, background=True,
                                        on_published=self._published)
             out: IO[str] | None = None
             if s.predictions_out is not None:
-                out = stack.enter_context(Path(s.predictions_out).open("w"))
+                # appended: a restart must not erase what the last run logged
+                out = stack.enter_context(Path(s.predictions_out).open("a"))
             self._loop(cons, prod, pipeline, out)
             # drained: the last drift alarms, publish what was learned since the last
             # version, then commit
@@ -141,17 +141,24 @@ class Runner:
         while not self.stopping:
             polled = cons.poll(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch_records)
             now = time.monotonic()
-            pipeline.joiner.track([tp.partition for tp in cons.assignment()], now)
-            records = self._merge(polled)
-            if not records:
-                if not cons.assignment():  # still joining the group: not idle yet
+            assigned = cons.assignment()
+            pipeline.track([tp.partition for tp in assigned], now)
+            records = self._records(polled)
+            if not records and not pipeline.buffered_total():
+                if not assigned:  # still joining the group: not idle yet
                     last_record = now
                 elif s.idle_exit_seconds is not None and now - last_record > s.idle_exit_seconds:
                     log.info("no records for %.0f s: stopping", s.idle_exit_seconds)
                     break
                 continue
-            last_record = now
-            result = pipeline.process(records)
+            if records:
+                last_record = now
+            caught_up = _caught_up(cons, assigned)
+            # micro-batches are whole, as in a replay, unless their first event has
+            # waited max_batch_wait_ms (a live stream slower than a batch per wait)
+            flush = pipeline.ready_seconds(now) * 1000 >= s.max_batch_wait_ms
+            result = pipeline.process(records, caught_up, flush=flush)
+            self._flow_control(cons, assigned, pipeline)
             self.metrics.observe_freshness(time.time(), records)
             records_total += len(records)
             self._after_batch(cons, prod, pipeline, result, out)
@@ -161,14 +168,30 @@ class Runner:
                 last_log = now
         self._log_progress(pipeline, records_total, cons)
 
-    def _merge(self, polled: dict[TopicPartition, list[Any]]) -> list[Record]:
-        """Interleave partitions by record timestamp, keeping each partition's order
-        (a user's events all live in one partition)."""
+    def _records(self, polled: dict[TopicPartition, list[Any]]) -> list[Record]:
+        """Each partition's records in its order; the pipeline merges them by event
+        time (a user's events all live in one partition)."""
+        out: list[Record] = []
         for tp, msgs in polled.items():
             self._positions[tp] = msgs[-1].offset + 1
-        merged = heapq.merge(*polled.values(), key=lambda m: m.timestamp)
-        return [Record(m.value if m.value is not None else b"", m.key, m.topic, m.partition,
-                       m.offset, m.timestamp) for m in merged]
+            out += [Record(m.value if m.value is not None else b"", m.key, m.topic,
+                           m.partition, m.offset, m.timestamp) for m in msgs]
+        return out
+
+    def _flow_control(self, cons: KafkaConsumer, assigned: set[TopicPartition],
+                      pipeline: Pipeline) -> None:
+        """Pause a partition that holds many records for the event-time merge (it is
+        ahead of the others) until it holds half as many: memory stays bounded
+        while a slower partition catches up."""
+        held = pipeline.buffered()
+        limit = self.settings.max_buffered_records
+        paused = cons.paused()
+        for tp in assigned:
+            n = held.get(tp.partition, 0)
+            if n >= limit and tp not in paused:
+                cons.pause(tp)
+            elif n <= limit // 2 and tp in paused:
+                cons.resume(tp)
 
     def _after_batch(self, cons: KafkaConsumer, prod: KafkaProducer, pipeline: Pipeline,
                      result: BatchResult, out: IO[str] | None) -> None:
@@ -187,7 +210,7 @@ class Runner:
                       value=drift_json(event).encode())
         if out is not None:
             write_predictions(out, result.predictions)
-        if result.meta is not None:
+        for _ in result.meta:
             self.metrics.meta_timestamp.set_to_current_time()
             self.publisher.after_meta_update(pipeline.learner)
         self.metrics.observe(result, pipeline)
@@ -204,7 +227,7 @@ class Runner:
         self.metrics.published_timestamp.set(manifest.created_at)
 
     def _commit(self, cons: KafkaConsumer, pipeline: Pipeline) -> None:
-        pending = pipeline.joiner.oldest_offsets()
+        pending = pipeline.held_offsets()
         offsets = {}
         for tp, position in self._positions.items():
             offset = min(position, pending.get(tp.partition, position))
@@ -244,19 +267,35 @@ class Runner:
         )
 
 
+def _caught_up(cons: KafkaConsumer, assigned: set[TopicPartition]) -> set[int]:
+    """Partitions whose every record up to the broker's last reported high
+    watermark has been handed to us (a broker may report the newest batch late:
+    then a partition looks caught up a moment early, and its next records are
+    merged as slightly late ones)."""
+    out = set()
+    for tp in assigned:
+        high = cons.highwater(tp)
+        if high is not None and cons.position(tp) >= high:
+            out.add(tp.partition)
+    return out
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Forget the positions of revoked partitions (committing them later would move
-    another member's offsets). Nothing is committed here: kafka-python runs this
-    callback on its I/O thread, where a blocking commit is refused, so what was
+    another member's offsets), and what the pipeline holds of them unlearned.
+    Nothing is committed here: kafka-python runs this callback inside the
+    consumer's group protocol, where a blocking commit is refused, so what was
     processed since the last commit (at most ``commit_interval_ms``) is read again
     by the partition's next owner: at-least-once."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, pipeline: Pipeline):
         self.runner = runner
+        self.pipeline = pipeline
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self.runner._positions.pop(tp, None)
+        self.pipeline.revoke({tp.partition for tp in revoked})
         if revoked:
             log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 

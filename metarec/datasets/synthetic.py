@@ -5,6 +5,17 @@ copy of it. Items have latent vectors, a popularity and a category feature. A
 user clicks an item with probability σ(popularity + scale·<taste, item>). Users
 arrive over time and act in bursts, as people do, so there are always new users
 with few events: the situation meta-learning is for.
+
+With ``prelabelled=True`` (the default) every impression carries ``clicked``.
+With ``prelabelled=False`` the impressions are unlabelled and each click is a
+separate event, sorted into the stream by its own timestamp: ``click_delay``
+seconds after its impression, 5 s for every click by default, or with
+``click_delay=(lo, hi)`` drawn per click log-uniformly in [lo, hi] (a live
+stream: most clicks come within seconds to a minute, a few minutes later). The
+delays come from their own random generator, so the impressions, the items
+shown and which of them are clicked are the same whatever the delay.
+``session_gap_seconds`` (a day) is the mean gap between a user's sessions: with
+a short ``span_seconds``, minutes make a stream of a few hours.
 """
 
 from __future__ import annotations
@@ -29,6 +40,10 @@ class SyntheticStream:
     start: float = 1_700_000_000.0
     span_seconds: float = 30 * 86400.0
     prelabelled: bool = True  # False: unlabelled impressions plus separate click events
+    # seconds from an impression to its click (prelabelled=False): None, 5 s for every
+    # click; (lo, hi), drawn per click log-uniformly in [lo, hi]
+    click_delay: tuple[float, float] | None = None
+    session_gap_seconds: float = 86400.0  # mean gap between a user's sessions
     seed: int = 0
     # an injected change from this fraction of the stream's events on:
     # "click_rate" (every logit +1.5), "cluster_flip" (cluster 0's taste reversed),
@@ -56,8 +71,9 @@ class SyntheticStream:
         arrival = np.sort(rng.uniform(0, self.span_seconds * 0.8, size=self.users))
         for u in range(self.users):
             n = max(2, int(rng.poisson(self.events_per_user)))
-            # bursts: sessions of a few events a minute apart, sessions days apart
-            gaps = np.where(rng.random(n) < 0.2, rng.exponential(86400.0, n),
+            # bursts: sessions of a few events a minute apart, sessions a day apart
+            # (session_gap_seconds, on average)
+            gaps = np.where(rng.random(n) < 0.2, rng.exponential(self.session_gap_seconds, n),
                             rng.exponential(60.0, n))
             times = self.start + arrival[u] + np.cumsum(gaps)
             shown = rng.integers(0, self.items, size=n)
@@ -68,6 +84,7 @@ class SyntheticStream:
         rows.sort(key=lambda r: r[0])
         if self.drift is not None:
             rows = self._drifted(rows, rng, clusters, taste, item_vec, popularity)
+        delays = self._click_delays(sum(1 for r in rows if r[3]))
         out: list[dict[str, Any]] = []
         for n, (ts, u, item, click) in enumerate(rows):
             event: dict[str, Any] = {
@@ -86,10 +103,20 @@ class SyntheticStream:
             elif click:
                 out.append({"type": "click", "impression_id": event["impression_id"],
                             "user_id": event["user_id"], "item_id": event["item_id"],
-                            "timestamp": round(ts + 5.0, 3)})
+                            "timestamp": round(ts + next(delays), 3)})
             out.append(event)
         out.sort(key=lambda e: e["timestamp"])  # stable: an impression precedes its click
         yield from out
+
+    def _click_delays(self, clicks: int) -> Iterator[float]:
+        """Each click's delay after its impression, in stream order of the impressions."""
+        if self.click_delay is None:
+            return iter([5.0] * clicks)
+        lo, hi = self.click_delay
+        if not 0 < lo <= hi:
+            raise ValueError(f"click_delay needs 0 < lo <= hi, got {self.click_delay!r}")
+        rng = np.random.default_rng([self.seed, 2])  # its own: the clicks stay the same
+        return iter(np.exp(rng.uniform(np.log(lo), np.log(hi), size=clicks)).tolist())
 
     def _drifted(self, rows: list[tuple[float, int, int, bool]], rng: np.random.Generator,
                  clusters: np.ndarray, taste: np.ndarray, item_vec: np.ndarray,
