@@ -91,7 +91,10 @@ class Joiner:
     _deadlines: list[tuple[float, str]] = field(default_factory=list)
     # clicks waiting for their impression, by (impression, user, item): a foreign
     # click naming the same impression waits apart and cannot shadow the real one
-    _orphans: OrderedDict[tuple[str, str, str], float] = field(default_factory=OrderedDict)
+    # (click time, partition, offset): a waiting click bounds the commit as a pending
+    # impression does, or a crash would lose it
+    _orphans: OrderedDict[tuple[str, str, str], tuple[float, int, int]] = field(
+        default_factory=OrderedDict)
     # labelled impression ids -> until when (event time) a repeat is a duplicate;
     # inserted in about event-time order, so the oldest are at the front
     _seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
@@ -123,7 +126,7 @@ class Joiner:
                 self.stats["clicked" if pend.clicked else "no_click"] += 1
                 out.append(Labelled(pend.impression, float(pend.clicked), pend.scored))
         while self._orphans:
-            key, ts = next(iter(self._orphans.items()))
+            key, (ts, _, _) = next(iter(self._orphans.items()))
             if ts + self.window >= mark:
                 break
             del self._orphans[key]
@@ -146,8 +149,8 @@ class Joiner:
             self.stats["prelabelled"] += 1
             self._remember(imp)
             return [Labelled(imp, float(imp.clicked), scored)]
-        click_ts = self._orphans.pop((imp_id, imp.user_id, imp.item_id), None)
-        clicked = click_ts is not None and 0 <= click_ts - imp.timestamp <= self.window
+        orphan = self._orphans.pop((imp_id, imp.user_id, imp.item_id), None)
+        clicked = orphan is not None and 0 <= orphan[0] - imp.timestamp <= self.window
         if clicked and self.release is ClickRelease.ON_ARRIVAL:
             self.stats["clicked"] += 1
             self._remember(imp)
@@ -163,7 +166,8 @@ class Joiner:
         heapq.heappush(self._deadlines, (deadline, imp_id))
         return self._evict()
 
-    def click(self, click: Click) -> list[Labelled] | Rejected:
+    def click(self, click: Click, partition: int = -1,
+              offset: int = -1) -> list[Labelled] | Rejected:
         """A click: its impression's label, nothing yet, or why it cannot be joined."""
         pend = self._pending.get(click.impression_id)
         if pend is None:
@@ -171,7 +175,8 @@ class Joiner:
                 self.stats["late_click"] += 1
             else:
                 key = (click.impression_id, click.user_id, click.item_id)
-                self._orphans[key] = click.timestamp
+                self._orphans.pop(key, None)  # a repeat waits from its own place
+                self._orphans[key] = (click.timestamp, partition, offset)
                 if len(self._orphans) > self.max_orphans:
                     self._orphans.popitem(last=False)
                     self.stats["orphan_click_evicted"] += 1
@@ -202,6 +207,8 @@ class Joiner:
         for imp_id in [i for i, pend in self._pending.items() if pend.partition in gone]:
             pend = self._pending.pop(imp_id)
             self.pending_bytes -= pend.size
+        for key in [k for k, (_, p, _) in self._orphans.items() if p in gone]:
+            del self._orphans[key]
 
     def _pop(self, imp_id: str) -> _Pending | None:
         pend = self._pending.pop(imp_id, None)
@@ -227,10 +234,13 @@ class Joiner:
         return out
 
     def oldest_offsets(self) -> dict[int, int]:
-        """Lowest source offset still pending, by partition: committing past it
-        would lose the impression if the process died before its label."""
+        """Lowest source offset still pending (an impression waiting for its label,
+        or a click for its impression), by partition: committing past it would lose
+        it if the process died first."""
         out: dict[int, int] = {}
-        for pend in self._pending.values():
-            if pend.offset >= 0 and pend.offset < out.get(pend.partition, math.inf):
-                out[pend.partition] = pend.offset
+        waiting = [(pend.partition, pend.offset) for pend in self._pending.values()]
+        waiting += [(partition, offset) for _, partition, offset in self._orphans.values()]
+        for partition, offset in waiting:
+            if offset >= 0 and offset < out.get(partition, math.inf):
+                out[partition] = offset
         return out

@@ -18,10 +18,11 @@ so one or two outliers cannot move it. An event more than ``max_ahead`` seconds
 ahead of everything its partition has given so far is held aside, and judged by
 the records after it: one that is not far behind it confirms the jump (the
 event rejoins the stream in its place); two that are far behind it show it was
-an outlier, and it is rejected as ``ahead_of_stream``. With no record after it
-(the end of a log, or a partition silent for ``idle_after``) nothing speaks
-against it, and it is taken. A real gap in a sparse stream therefore loses
-nothing, and a lone record from the future moves no one's windows.
+an outlier, and it is rejected as ``ahead_of_stream``. When no more records
+come (the end of a log, or a partition silent for ``idle_after``), it is taken
+if nothing spoke against it and rejected if something did. A real gap in a
+sparse stream therefore loses nothing, and a lone record from the future moves
+no one's windows.
 """
 
 from __future__ import annotations
@@ -131,32 +132,38 @@ class EventTimeOrder(Generic[T]):
         part.aside = still
         return rejected
 
-    def _take_uncontradicted(self, part: _Partition[T]) -> None:
+    def _settle(self, part: _Partition[T]) -> list[Held[T]]:
+        """No more records to judge by: take what nothing spoke against, reject
+        the rest."""
         for held, against in part.aside:
             if against == 0:
                 self._take(part, held)
-        part.aside = [(held, against) for held, against in part.aside if against]
+        rejected = [held for held, against in part.aside if against]
+        part.aside = []
+        return rejected
 
-    def release(self, caught_up: Collection[int] | None, now: float | None) -> list[Held[T]]:
+    def release(self, caught_up: Collection[int] | None, now: float | None,
+                paused: Collection[int] = ()) -> tuple[list[Held[T]], list[Held[T]]]:
         """Every event no constraining partition can still precede, in event-time
-        order (each partition's own order kept). ``caught_up``: partitions known to
-        be at the end of their log; ``now`` None: no partition counts as idle."""
+        order (each partition's own order kept), and the events held aside of idle
+        partitions that were contradicted (rejected). ``caught_up``: partitions
+        known to be at the end of their log; ``now`` None: no partition counts as
+        idle (a replay must not depend on the wall clock); ``paused``: partitions
+        the reader stopped fetching, silent but not idle."""
         parts = self._parts
-        if now is not None:
-            for part in parts.values():
-                if part.aside and now - part.heard > self.idle_after:
-                    self._take_uncontradicted(part)
+        idle = set() if now is None else {
+            p for p, part in parts.items()
+            if p not in paused and now - part.heard > self.idle_after}
+        rejected = [h for p in idle if parts[p].aside for h in self._settle(parts[p])]
         if len(parts) <= 1:  # one partition is in its own order already
-            return [h for part in parts.values() for h in _drain(part.buffer)]
+            return [h for part in parts.values() for h in _drain(part.buffer)], rejected
         # An event may go once no other constraining partition's progress is below
         # it (a partition's own progress never holds it: its order is its offsets'),
         # taken smallest head first, so partitions released in different calls are
         # still in event-time order: the smallest two progresses are enough.
         first = second = (math.inf, -1)
         for p, part in parts.items():
-            if caught_up is not None and p in caught_up:
-                continue
-            if now is not None and now - part.heard > self.idle_after:
+            if (caught_up is not None and p in caught_up) or p in idle:
                 continue
             if part.progress < first[0]:
                 first, second = (part.progress, p), first
@@ -175,19 +182,14 @@ class EventTimeOrder(Generic[T]):
                 heapq.heapreplace(heads, (buffer[0].timestamp, p))
             else:
                 heapq.heappop(heads)
-        return out
+        return out, rejected
 
     def finish(self) -> tuple[list[Held[T]], list[Held[T]]]:
         """End of a finite log: everything still buffered, merged (with what was
         held aside and never contradicted), and what was contradicted, rejected."""
-        for part in self._parts.values():
-            self._take_uncontradicted(part)
+        rejected = [h for part in self._parts.values() for h in self._settle(part)]
         runs = [_drain(part.buffer) for _, part in sorted(self._parts.items())]
-        released = list(heapq.merge(*runs, key=_time))
-        rejected = [held for part in self._parts.values() for held, _ in part.aside]
-        for part in self._parts.values():
-            part.aside = []
-        return released, rejected
+        return list(heapq.merge(*runs, key=_time)), rejected
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Forget partitions given to another reader: it reads their unreleased

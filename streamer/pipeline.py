@@ -117,7 +117,10 @@ class BatchResult:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, learner: OnlineLearner, *, keep_all: bool = False):
+    def __init__(self, settings: Settings, learner: OnlineLearner, *, keep_all: bool = False,
+                 wall_clock: bool = True):
+        """``wall_clock`` False: no partition ever counts as idle, so the result
+        depends on the records alone (a replay)."""
         self.settings = settings
         self.learner = learner
         self.joiner = Joiner(window=settings.attribution_window_seconds,
@@ -129,8 +132,14 @@ class Pipeline:
         self.order: EventTimeOrder[tuple[Record, Impression | Click]] = EventTimeOrder(
             max_ahead=settings.max_ahead_seconds, idle_after=settings.idle_partition_seconds)
         self._ready: list[Held[tuple[Record, Impression | Click]]] = []  # released, unlearned
-        self._ready_since = 0.0
-        self.encoder = Encoder(learner.config.model.features)
+        self._ready_at: list[float] = []  # when each was released
+        self._wall_clock = wall_clock
+        self.records = 0
+        self.encoder = Encoder(learner.config.model.features,
+                               item_cache_bytes=settings.item_cache_bytes,
+                               user_cache_bytes=settings.user_cache_bytes,
+                               context_cache_bytes=settings.context_cache_bytes,
+                               token_cache_bytes=settings.token_cache_bytes)
         self.evaluation = Prequential(keep_all=keep_all)
         self.drift = DriftMonitor(DriftConfig(segment_field=settings.drift_segment_field,
                                               warmup=settings.drift_warmup))
@@ -143,17 +152,20 @@ class Pipeline:
         self._drift_at = time.monotonic()
 
     def process(self, records: Sequence[Record], caught_up: Collection[int] | None = None,
-                *, flush: bool = True) -> BatchResult:
+                *, flush: bool = True, paused: Collection[int] = ()) -> BatchResult:
         """Raw records, each partition's in its order. ``caught_up``: partitions
         known to be at the end of their log (they do not hold the others back; see
         :class:`metarec.ordering.EventTimeOrder`). Released events are learned in
         micro-batches of ``max_batch_records`` events; with ``flush`` False, fewer
         wait for more, so the micro-batches (and θ's steps between them) are the
         same however the records arrive: a backlog consumed from any number of
-        partitions learns as a replay of the same events does."""
+        partitions learns as a replay of the same events does. ``paused``: partitions
+        the reader stopped fetching (silent, but not idle)."""
         t0 = time.perf_counter()
         result = BatchResult(records=len(records))
+        self.records += len(records)
         now = time.monotonic()
+        clock = now if self._wall_clock else None
         # Against the wall clock too: a unit mistake far in the future is garbage
         # whatever the stream's own progress says.
         wall = time.time()
@@ -176,10 +188,10 @@ class Pipeline:
             counts[event.type] += 1
             for held in order.add(event.timestamp, rec.partition, rec.offset, (rec, event), now):
                 dead.append(self._ahead(held))
-        released = order.release(caught_up, now)
-        if released and not self._ready:
-            self._ready_since = now
+        released, rejected = order.release(caught_up, clock, paused)
+        dead += [self._ahead(held) for held in rejected]
         self._ready += released
+        self._ready_at += [now] * len(released)
         self._learn(result, flush=flush)
         result.seconds = time.perf_counter() - t0
         return result
@@ -194,6 +206,7 @@ class Pipeline:
         size = self.settings.max_batch_records
         cut = len(self._ready) if flush else len(self._ready) // size * size
         released, self._ready = self._ready[:cut], self._ready[cut:]
+        del self._ready_at[:cut]
         learned: list[Labelled] = []
         for start in range(0, len(released), size):
             batch = _OpsBuilder()
@@ -219,7 +232,7 @@ class Pipeline:
                 batch.learn_all(joiner.impression(event, scored, rec.partition, rec.offset,
                                                   len(rec.value)))
                 continue
-            joined = joiner.click(event)
+            joined = joiner.click(event, rec.partition, rec.offset)
             if isinstance(joined, Rejected):
                 result.dead_letters.append(DeadLetter(rec, joined.reason, joined.detail))
             else:
@@ -240,6 +253,7 @@ class Pipeline:
         released, rejected = self.order.finish()
         result.dead_letters += [self._ahead(held) for held in rejected]
         self._ready += released
+        self._ready_at += [time.monotonic()] * len(released)
         self._learn(result, flush=True)
         closed = BatchResult()
         self._learn(closed, flush=True, closed=self.joiner.close_all())
@@ -257,7 +271,9 @@ class Pipeline:
         """Partitions given to another reader: drop what of them is not yet learned
         (the new owner reads it again from the last commit, which never passed it)."""
         self.order.revoke(partitions)
-        self._ready = [h for h in self._ready if h.partition not in partitions]
+        kept = [i for i, h in enumerate(self._ready) if h.partition not in partitions]
+        self._ready = [self._ready[i] for i in kept]
+        self._ready_at = [self._ready_at[i] for i in kept]
         self.joiner.revoke(partitions)
 
     def held_offsets(self) -> dict[int, int]:
@@ -282,7 +298,7 @@ class Pipeline:
 
     def ready_seconds(self, now: float) -> float:
         """How long released events have waited to fill a micro-batch (0: none)."""
-        return now - self._ready_since if self._ready else 0.0
+        return now - self._ready_at[0] if self._ready_at else 0.0
 
     def flush_drift(self) -> list[DriftEvent]:
         """Feed the drift detectors every labelled prediction held back so far."""

@@ -166,7 +166,8 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
     batches = _batches(source, s, topic_range)
     with ExitStack() as stack:
         learner, version = _learner(s)
-        pipeline = Pipeline(s, learner, keep_all=True)
+        # no wall clock: the same records give the same log, however fast they come
+        pipeline = Pipeline(s, learner, keep_all=True, wall_clock=False)
         sink = _sink(s, stack)
         publisher = Publisher(sink, s.publish_every, version) if sink is not None else None
         out: IO[str] | None = None
@@ -179,7 +180,9 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         bar = _Progress(_total(source), s.log_every_seconds, progress)
         done, first_ts = 0, math.nan
         t0 = time.perf_counter()
-        for batch, caught_up in batches:
+        for batch, caught_up, partitions in batches:
+            # every partition holds the merge back from the start, not from its first record
+            pipeline.track(partitions, time.monotonic())
             result = pipeline.process(batch, caught_up, flush=False)
             done += len(batch)
             if out is not None:
@@ -213,22 +216,23 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
 
 
 def _batches(source: str, s: Settings, topic_range: TopicRange
-             ) -> Iterator[tuple[list[Record], frozenset[int] | None]]:
+             ) -> Iterator[tuple[list[Record], frozenset[int] | None, frozenset[int]]]:
     """Micro-batches of the source, each with the partitions read to their end
-    (None: a file or dataset, one partition in its own order)."""
+    (None: a file or dataset, one partition in its own order) and all partitions."""
     if not source.startswith("kafka:"):
         records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
-        yield from ((batch, None) for batch in batched(records, s.max_batch_records))
+        yield from ((batch, None, frozenset()) for batch in batched(records,
+                                                                    s.max_batch_records))
         return
     if s.bootstrap_servers is None:
         raise SourceError("a kafka: source needs --bootstrap-servers")
     none: frozenset[int] = frozenset()
     topic = source.removeprefix("kafka:")
-    for polled, at_end in read_topic_batches(s.bootstrap_servers, topic, topic_range):
-        chunks = list(batched(polled, s.max_batch_records)) or [[]]
+    for poll in read_topic_batches(s.bootstrap_servers, topic, topic_range):
+        chunks = list(batched(poll.records, s.max_batch_records)) or [[]]
         # a partition is at its end only once its last records are in
         for i, chunk in enumerate(chunks):
-            yield chunk, at_end if i == len(chunks) - 1 else none
+            yield chunk, poll.at_end if i == len(chunks) - 1 else none, poll.partitions
 
 
 def _pace(pipeline: Pipeline, speed: float, t0: float, first_ts: float) -> float:

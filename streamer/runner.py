@@ -64,6 +64,7 @@ class Runner:
         self._drift_logged: dict[tuple[str, str], float] = {}
         self._busy: tuple[float, float] | None = None  # first record, last batch done
         self._last_commit = -math.inf
+        self._committed: dict[TopicPartition, OffsetAndMetadata] = {}
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         if not self.stopping:
@@ -126,7 +127,7 @@ class Runner:
             prod.flush()
             self._commit(cons, pipeline)
         return RunSummary(
-            records=sum(pipeline.events.values()) + sum(pipeline.dead_letters.values()),
+            records=pipeline.records,
             labelled=pipeline.learner.examples_learned,
             dead_letters=sum(pipeline.dead_letters.values()),
             versions_published=self.publisher.published,
@@ -150,6 +151,8 @@ class Runner:
                 elif s.idle_exit_seconds is not None and now - last_record > s.idle_exit_seconds:
                     log.info("no records for %.0f s: stopping", s.idle_exit_seconds)
                     break
+                elif now - self._last_commit >= s.commit_interval_ms / 1000:
+                    self._commit(cons, pipeline)  # a quiet stream still commits what it learned
                 continue
             if records:
                 last_record = now
@@ -157,7 +160,8 @@ class Runner:
             # micro-batches are whole, as in a replay, unless their first event has
             # waited max_batch_wait_ms (a live stream slower than a batch per wait)
             flush = pipeline.ready_seconds(now) * 1000 >= s.max_batch_wait_ms
-            result = pipeline.process(records, caught_up, flush=flush)
+            paused = {tp.partition for tp in cons.paused()}
+            result = pipeline.process(records, caught_up, flush=flush, paused=paused)
             self._flow_control(cons, assigned, pipeline)
             self.metrics.observe_freshness(time.time(), records)
             records_total += len(records)
@@ -232,11 +236,12 @@ class Runner:
         for tp, position in self._positions.items():
             offset = min(position, pending.get(tp.partition, position))
             offsets[tp] = OffsetAndMetadata(offset, "", -1)
-        if not offsets:
-            return
         self._last_commit = time.monotonic()
+        if not offsets or offsets == self._committed:
+            return
         try:
             cons.commit(offsets)
+            self._committed = offsets
         except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
             log.warning("offset commit failed, will retry with the next batch: %s", exc)
 
@@ -275,7 +280,9 @@ def _caught_up(cons: KafkaConsumer, assigned: set[TopicPartition]) -> set[int]:
     out = set()
     for tp in assigned:
         high = cons.highwater(tp)
-        if high is not None and cons.position(tp) >= high:
+        # no high watermark yet: nothing fetched, so no position worth asking for
+        position = cons.position(tp) if high is not None else None
+        if high is not None and position is not None and position >= high:
             out.add(tp.partition)
     return out
 

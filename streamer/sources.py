@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pydantic_core import from_json
 
@@ -363,19 +363,26 @@ def _jsonable(value: Any) -> Any:
 _to_json = json.JSONEncoder(default=_jsonable).encode
 
 
+class TopicPoll(NamedTuple):
+    records: list[Record]
+    at_end: frozenset[int]
+    partitions: frozenset[int]
+
+
 def read_topic(bootstrap: str, topic: str, rng: TopicRange, *,
                settle_ms: int = 1000) -> Iterator[Record]:
     """The records of :func:`read_topic_batches`, one after another."""
-    for records, _ in read_topic_batches(bootstrap, topic, rng, settle_ms=settle_ms):
-        yield from records
+    for poll in read_topic_batches(bootstrap, topic, rng, settle_ms=settle_ms):
+        yield from poll.records
 
 
 def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange, *, settle_ms: int = 1000,
-                       max_records: int = 2000) -> Iterator[tuple[list[Record], frozenset[int]]]:
+                       max_records: int = 2000) -> Iterator[TopicPoll]:
     """A topic between two broker timestamps or offsets, a poll at a time: each
-    partition's records in its order, and the partitions read to their end (the
-    pipeline merges partitions by event time and must know which have no more to
-    give). No consumer group: a replay never moves a live group's offsets."""
+    partition's records in its order, the partitions read to their end and all of
+    them (the pipeline merges partitions by event time: it must know which exist
+    before they deliver, and which have no more to give). No consumer group: a
+    replay never moves a live group's offsets."""
     from kafka import KafkaConsumer, TopicPartition
 
     cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -423,7 +430,8 @@ def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange, *, settle_ms
                     # end offsets may under-report the newest batch: read on until quiet
                     if (now - quiet_since) * 1000 >= settle_ms:
                         done.add(tp)
-            yield records, frozenset(tp.partition for tp in done | at_end)
+            yield TopicPoll(records, frozenset(tp.partition for tp in done | at_end),
+                            frozenset(tp.partition for tp in tps))
     finally:
         cons.close()
 

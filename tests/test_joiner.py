@@ -175,3 +175,17 @@ def test_oldest_pending_offset_per_partition_bounds_the_commit() -> None:
     assert j.oldest_offsets() == {0: 9, 1: 4}
 
 
+
+
+def test_a_click_waiting_for_its_impression_bounds_the_commit() -> None:
+    """Committing past an early click would lose it in a crash: its impression
+    would be read again, the click not."""
+    j = Joiner(window=100)
+    j.click(click(1, 5), partition=0, offset=3)
+    j.impression(imp(2, 6), Scored(), partition=0, offset=4)
+    assert j.oldest_offsets() == {0: 3}
+    j.impression(imp(1, 0), Scored(), partition=0, offset=5)  # joined: no longer waits
+    assert j.oldest_offsets() == {0: 4}
+    j.click(click(3, 7), partition=1, offset=9)
+    j.revoke([1])
+    assert j.oldest_offsets() == {0: 4}

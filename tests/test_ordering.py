@@ -11,6 +11,13 @@ import numpy as np
 from metarec.ordering import EventTimeOrder, Held, RecentMedian
 
 
+def released(order: EventTimeOrder[str], caught_up: set[int] | None, now: float | None,
+             paused: tuple[int, ...] = ()) -> list[Held[str]]:
+    out, rejected = order.release(caught_up, now, paused)
+    assert rejected == []
+    return out
+
+
 def times(held: list[Held[str]]) -> list[float]:
     return [h.timestamp for h in held]
 
@@ -25,37 +32,37 @@ def feed(order: EventTimeOrder[str], partition: int, ts: list[float], now: float
 
 def test_a_partition_read_ahead_waits_for_the_others() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=1e9)
-    order.track([0, 1], now=0.0)
+    order.track([0, 1], 0.0)
     feed(order, 0, [float(t) for t in range(0, 1000, 10)])  # a whole chunk of partition 0
-    assert order.release(caught_up=set(), now=1.0) == []
+    assert released(order, set(), 1.0) == []
     feed(order, 1, [5.0, 15.0, 25.0, 35.0, 45.0])
-    out = order.release(caught_up=set(), now=1.0)
+    out = released(order, set(), 1.0)
     # partition 1's progress is 25 (the lower median of its last five): up to there
     assert times(out) == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
     # once partition 1 is known to be at its end, it holds nobody back
-    rest = order.release(caught_up={1}, now=1.0)
+    rest = released(order, {1}, 1.0)
     assert times(rest)[:4] == [30.0, 35.0, 40.0, 45.0] and len(rest) == 100 + 5 - 6
 
 
 def test_a_live_trickle_is_released_at_once() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
-    order.track([0, 1, 2], now=0.0)
+    order.track([0, 1, 2], 0.0)
     feed(order, 2, [100.0])
-    assert times(order.release(caught_up={0, 1, 2}, now=0.1)) == [100.0]
+    assert times(released(order, {0, 1, 2}, 0.1)) == [100.0]
 
 
 def test_a_silent_partition_stops_holding_the_others_back() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600, idle_after=10)
-    order.track([0, 1], now=0.0)
-    feed(order, 0, [1.0, 2.0], now=5.0)
-    assert order.release(caught_up=set(), now=5.0) == []
-    assert times(order.release(caught_up=set(), now=10.5)) == [1.0, 2.0]
+    order.track([0, 1], 0.0)
+    feed(order, 0, [1.0, 2.0], 5.0)
+    assert released(order, set(), 5.0) == []
+    assert times(released(order, set(), 10.5)) == [1.0, 2.0]
 
 
 def test_one_partition_needs_no_merge() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
     feed(order, -1, [3.0, 1.0, 2.0])
-    assert times(order.release(caught_up=None, now=None)) == [3.0, 1.0, 2.0]
+    assert times(released(order, None, None)) == [3.0, 1.0, 2.0]
 
 
 def test_the_merge_does_not_depend_on_how_the_partitions_arrive() -> None:
@@ -66,7 +73,7 @@ def test_the_merge_does_not_depend_on_how_the_partitions_arrive() -> None:
     expected = [(t, p) for t, p in heapq.merge(*([(t, p) for t in parts[p]] for p in range(4)))]
     for _ in range(5):
         order: EventTimeOrder[str] = EventTimeOrder(max_ahead=1e9)
-        order.track(range(4), now=0.0)
+        order.track(range(4), 0.0)
         cursor = dict.fromkeys(parts, 0)
         out: list[Held[str]] = []
         while any(cursor[p] < len(parts[p]) for p in parts):
@@ -76,9 +83,9 @@ def test_the_merge_does_not_depend_on_how_the_partitions_arrive() -> None:
             feed(order, p, chunk, first_offset=cursor[p])
             cursor[p] += len(chunk)
             done = {q for q in parts if cursor[q] == len(parts[q])}
-            out += order.release(caught_up=done, now=0.0)
-        released, rejected = order.finish()
-        out += released
+            out += released(order, done, 0.0)
+        rest, rejected = order.finish()
+        out += rest
         assert rejected == []
         assert [(h.timestamp, h.partition) for h in out] == expected
 
@@ -88,13 +95,13 @@ def test_an_event_from_the_future_is_held_aside_then_rejected() -> None:
     feed(order, 0, [0.0, 10.0, 20.0, 30.0])
     assert feed(order, 0, [23 * 3600.0], first_offset=4) == []
     assert order.held_offsets() == {0: 0}
-    assert times(order.release(None, None)) == [0.0, 10.0, 20.0, 30.0]
+    assert times(released(order, None, None)) == [0.0, 10.0, 20.0, 30.0]
     assert order.held_offsets() == {0: 4}  # not committed past while it is undecided
     # the stream goes on where it was: two records far behind it show it was an outlier
     assert feed(order, 0, [40.0], first_offset=5) == []
     rejected = feed(order, 0, [50.0], first_offset=6)
     assert times(rejected) == [23 * 3600.0] and rejected[0].offset == 4
-    assert times(order.release(None, None)) == [40.0, 50.0]
+    assert times(released(order, None, None)) == [40.0, 50.0]
     assert order.held_offsets() == {}
 
 
@@ -103,12 +110,12 @@ def test_a_real_jump_in_a_sparse_stream_loses_nothing_and_keeps_its_order() -> N
     feed(order, 0, [0.0, 10.0, 20.0])
     day = 86_400.0
     assert feed(order, 0, [day, day + 5, day + 9, day + 20]) == []
-    assert times(order.release(None, None)) == [0.0, 10.0, 20.0, day, day + 5, day + 9, day + 20]
+    assert times(released(order, None, None)) == [0.0, 10.0, 20.0, day, day + 5, day + 9, day + 20]
 
 
 def test_a_finite_log_ends_with_everything_released_or_rejected() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
-    order.track([0, 1], now=0.0)
+    order.track([0, 1], 0.0)
     feed(order, 0, [1.0, 2.0, 3.0, 9e6, 4.0])  # an outlier, then one record against it
     feed(order, 1, [1.5, 7e6])  # a last record after a gap, with nothing against it
     released, rejected = order.finish()
@@ -120,15 +127,15 @@ def test_a_silent_partition_s_last_jump_is_taken() -> None:
     """Live, after a quiet night: the first record of the morning is not held
     for ever waiting for a second one."""
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600, idle_after=10)
-    feed(order, 0, [0.0, 10.0], now=0.0)
-    feed(order, 0, [8 * 3600.0], now=1.0)
-    assert times(order.release(caught_up={0}, now=5.0)) == [0.0, 10.0]
-    assert times(order.release(caught_up={0}, now=11.5)) == [8 * 3600.0]
+    feed(order, 0, [0.0, 10.0], 0.0)
+    feed(order, 0, [8 * 3600.0], 1.0)
+    assert times(released(order, {0}, 5.0)) == [0.0, 10.0]
+    assert times(released(order, {0}, 11.5)) == [8 * 3600.0]
 
 
 def test_revoked_partitions_are_forgotten() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
-    order.track([0, 1], now=0.0)
+    order.track([0, 1], 0.0)
     feed(order, 0, [1.0, 2.0])
     order.revoke([0])
     assert order.buffered() == {1: 0} and order.held_offsets() == {}
@@ -141,3 +148,24 @@ def test_the_recent_median_ignores_two_outliers_and_needs_three_values() -> None
     assert m.add(3.0) == 2.0
     assert m.add(2e9) == 3.0
     assert m.add(4.0) == 3.0
+
+
+def test_a_paused_partition_is_silent_but_not_idle() -> None:
+    """A partition paused because it is ahead still holds the others back: its
+    unread records must not be overtaken."""
+    order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600, idle_after=10)
+    order.track([0, 1], 0.0)
+    feed(order, 0, [100.0, 101.0, 102.0, 103.0, 104.0], 0.0)
+    feed(order, 1, [float(t) for t in range(5, 300, 10)], 11.0)
+    out = released(order, set(), 11.0, paused=(0,))
+    assert max(h.timestamp for h in out if h.partition == 1) <= 102.0  # 0's progress
+    assert times(released(order, set(), 11.0))[-1] == 295.0  # idle once it is not paused
+
+
+def test_an_idle_partition_settles_what_it_held_aside() -> None:
+    order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600, idle_after=10)
+    feed(order, 0, [0.0, 1.0, 2.0, 100_000.0, 3.0], 0.0)  # one record against the outlier
+    assert times(released(order, None, 5.0)) == [0.0, 1.0, 2.0, 3.0]
+    out, rejected = order.release(None, 20.0)
+    assert out == [] and times(rejected) == [100_000.0]
+    assert order.buffered() == {0: 0} and order.held_offsets() == {}

@@ -4,6 +4,7 @@ records, several partitions; nothing escapes, nothing valid is lost or relabelle
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from typing import Any
 
@@ -172,3 +173,25 @@ def test_one_event_from_the_future_moves_no_window() -> None:
         assert labels == truth(live)
         assert [(d.reason, json.loads(d.record.value)["impression_id"]) for d in dead] == \
             [("ahead_of_stream", "from-the-future")]
+
+
+def test_a_replay_does_not_depend_on_how_fast_its_records_come() -> None:
+    """Without the wall clock no partition counts as idle: pauses between polls
+    change nothing, even while partitions come one after another, as a consumer
+    catching up hands them over."""
+    s = small_settings(idle_partition_seconds=0.05)
+    records = sorted(valid_records(), key=lambda r: r.partition)
+    logs = []
+    for pause in (0.0, 0.1):
+        pipe = Pipeline(s, OnlineLearner(s.learner_config()), wall_clock=False)
+        pipe.track(range(3), time.monotonic())
+        seen = []
+        for i in range(0, len(records), 40):
+            result = pipe.process(records[i:i + 40], flush=False)
+            seen += list(zip(result.predictions.user_id, result.predictions.p.tolist(),
+                             strict=True))
+            time.sleep(pause)
+        result = pipe.finish()
+        logs.append(seen + list(zip(result.predictions.user_id, result.predictions.p.tolist(),
+                                    strict=True)))
+    assert logs[0] == logs[1] and len(logs[0]) == len(IMPRESSIONS)
