@@ -8,34 +8,49 @@ from itertools import chain
 import numpy as np
 
 from metarec.events import FeatureValue, Impression
-from metarec.features import FeatureSpec, SlotCache, slots
+from metarec.features import (
+    BoundedCache,
+    FeatureSpec,
+    SlotCache,
+    TokenBuckets,
+    context_bytes,
+    slot_tuple,
+)
 from metarec.learner import Ops
+
+# a context as a cache key: its (field, value) pairs and the values' types
+_ContextKey = tuple[tuple[tuple[str, FeatureValue], ...], tuple[type, ...]]
 
 
 class Encoder:
-    """Turns impressions into :class:`Ops`, remembering items' and users' slots."""
+    """Turns impressions into :class:`Ops`, remembering items', users' and contexts'
+    slots in caches of at most the given bytes each (0: none), all hashing feature
+    tokens through one token cache."""
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: FeatureSpec, *, item_cache_bytes: int = 64 << 20,
+                 user_cache_bytes: int = 64 << 20, context_cache_bytes: int = 16 << 20,
+                 token_cache_bytes: int = 16 << 20):
         self.spec = spec
-        self.items = SlotCache(spec.item_slots, spec, "item=")
-        self.users = SlotCache(spec.user_slots, spec)
-        self._contexts: dict[tuple[tuple[tuple[str, FeatureValue], ...], tuple[type, ...]],
-                             tuple[int, ...]] = {}
+        self.tokens = TokenBuckets(spec.feature_buckets, token_cache_bytes)
+        self.items = SlotCache(spec.item_slots, spec, "item=", item_cache_bytes, self.tokens)
+        self.users = SlotCache(spec.user_slots, spec, None, user_cache_bytes, self.tokens)
+        self.contexts: BoundedCache[_ContextKey, tuple[int, ...]] = BoundedCache(
+            context_cache_bytes)
 
     def _context(self, context: dict[str, FeatureValue]) -> tuple[int, ...]:
         """Context slots; contexts repeat (a platform, a page), so they are cached by
         value when hashable (with the values' types: True == 1, but not as tokens)."""
         try:
             key = (tuple(context.items()), tuple(map(type, context.values())))
-            found = self._contexts.get(key)
+            found = self.contexts.young.get(key)
         except TypeError:  # a list value
-            key, found = None, None
+            return slot_tuple(context, self.spec.context_slots, self.tokens)
         if found is None:
-            found = tuple(slots(context, self.spec.context_slots, self.spec).tolist())
-            if key is not None:
-                if len(self._contexts) >= 1 << 16:
-                    self._contexts.clear()
-                self._contexts[key] = found
+            size = context_bytes(context)
+            found = self.contexts.revive(key, lambda _: size)
+            if found is None:
+                found = slot_tuple(context, self.spec.context_slots, self.tokens)
+                self.contexts.put(key, found, size)
         return found
 
     def encode(self, impressions: Sequence[Impression], kinds: Sequence[int],
