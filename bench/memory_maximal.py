@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from metarec.encoding import Encoder
 from metarec.learner import OnlineLearner
 from streamer.config import Settings
 from streamer.pipeline import Pipeline, Record, warm_up
@@ -120,12 +119,6 @@ def run(mode: str, records: int, every: int, warmup: int, batch: int) -> None:
     settings = Settings(metrics_port=0)
     warm_up(settings)
     pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
-    # the encoder's cache budgets, until Pipeline passes them to its Encoder itself
-    pipeline.encoder = Encoder(
-        pipeline.encoder.spec, item_cache_bytes=settings.item_cache_bytes,
-        user_cache_bytes=settings.user_cache_bytes,
-        context_cache_bytes=settings.context_cache_bytes,
-        token_cache_bytes=settings.token_cache_bytes)
     rng = random.Random(0)
     start = time.time() - 86400.0  # event time well behind the wall clock
     print(f"### {mode}: {records:,} records of {settings.max_record_bytes - 16:,}-"
