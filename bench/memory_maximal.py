@@ -1,4 +1,4 @@
-"""Resident memory and speed of the pipeline under maximal records.
+"""Resident memory and speed of the session under maximal records.
 
     .venv/bin/python -m bench.memory_maximal                   # both modes, 20,000 records
     .venv/bin/python -m bench.memory_maximal --records 100000 --mode labelled
@@ -12,20 +12,20 @@ the in-memory form of a record (Python objects) is several times its JSON. The
 context holds scalars only, so the encoder may cache it (a list value makes a
 context unhashable, hence uncached).
 
-Records go through :class:`streamer.pipeline.Pipeline` (decode, join, encode,
+Records go through :class:`metarec.session.StreamSession` (decode, join, encode,
 learn) in micro-batches of ``--batch``, without Kafka, after
-:func:`streamer.pipeline.warm_up` as a run does. Two modes, each in its own
+:func:`streamer.warmup.warm_up` as a run does. Two modes, each in its own
 process so that one does not inherit the other's heap:
 
 - ``unlabelled``: impressions without ``clicked``; event time advances 10 ms per
   record, so no window closes: the joiner holds every impression (up to its
   bounds).
 - ``labelled``: the same records with ``"clicked"`` (one in ten true): labelled at
-  once, the joiner holds nothing, which isolates the rest of the pipeline.
+  once, the joiner holds nothing, which isolates the rest of the session.
 
 Settings are the defaults, changed by ``METAREC_*`` variables as for a run. The
 table gives the resident set size (RSS) every ``--every`` records and events/s
-over that interval, timing ``Pipeline.process`` only (not the generation of
+over that interval, timing ``StreamSession.process`` only (not the generation of
 records); then the RSS growth per 1,000 records after ``--warmup`` records, and
 over the second half of the run.
 """
@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 
-from metarec.learner import OnlineLearner
+from metarec.records import Record
+from metarec.session import StreamSession
 from streamer.config import Settings
-from streamer.pipeline import Pipeline, Record, warm_up
+from streamer.warmup import warm_up
 
 MODES = ("unlabelled", "labelled")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -116,13 +117,13 @@ def maximal_event(n: int, start: float, max_bytes: int, label: bool | None) -> b
 
 def run(mode: str, records: int, every: int, warmup: int, batch: int) -> None:
     torch.set_num_threads(1)
-    settings = Settings(metrics_port=0)
+    settings = Settings.of(metrics_port=0)
     warm_up(settings)
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    session = StreamSession(settings.session)
     rng = random.Random(0)
     start = time.time() - 86400.0  # event time well behind the wall clock
-    print(f"### {mode}: {records:,} records of {settings.max_record_bytes - 16:,}-"
-          f"{settings.max_record_bytes:,} bytes, micro-batches of {batch}\n", flush=True)
+    print(f"### {mode}: {records:,} records of {settings.session.max_record_bytes - 16:,}-"
+          f"{settings.session.max_record_bytes:,} bytes, micro-batches of {batch}\n", flush=True)
     print("| records | RSS MiB | events/s (interval) | pending impressions |")
     print("|---:|---:|---:|---:|")
     base = rss_bytes()
@@ -131,11 +132,11 @@ def run(mode: str, records: int, every: int, warmup: int, batch: int) -> None:
     samples: list[tuple[int, int]] = [(0, base)]  # (records done, RSS)
     while done < records:
         n = min(batch, records - done)
-        chunk = [Record(maximal_event(done + i, start, settings.max_record_bytes,
+        chunk = [Record(maximal_event(done + i, start, settings.session.max_record_bytes,
                                       None if mode == "unlabelled" else rng.random() < 0.1))
                  for i in range(n)]
         t0 = time.perf_counter()
-        result = pipeline.process(chunk)
+        result = session.process(chunk)
         busy += time.perf_counter() - t0
         dead += len(result.dead_letters)
         del chunk, result
@@ -143,7 +144,7 @@ def run(mode: str, records: int, every: int, warmup: int, batch: int) -> None:
         if done % every == 0 or done == records:
             rss = rss_bytes()
             print(f"| {done:,} | {rss / 2**20:,.0f} | {(done - samples[-1][0]) / busy:,.0f} | "
-                  f"{pipeline.joiner.pending:,} |", flush=True)
+                  f"{session.status().pending_impressions:,} |", flush=True)
             samples.append((done, rss))
             total_busy, busy = total_busy + busy, 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

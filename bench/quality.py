@@ -143,7 +143,7 @@ def run_metarec(overrides: dict[str, Any], seed: int, plain_items: bool) -> np.n
             with open(source, "w") as f:
                 f.writelines(json.dumps({**e, "item_features": {}}) + "\n" for e in events)
         log = Path(tmp, "predictions.jsonl")
-        settings = Settings(metrics_port=0, predictions_out=log, seed=seed, **overrides)
+        settings = Settings.of(metrics_port=0, predictions_out=log, seed=seed, **overrides)
         replay(settings, source, progress=False)
         # MovieLens has one rating per (user, item): the key of an event's prediction
         where = {(e["user_id"], e["item_id"]): n for n, e in enumerate(events)}

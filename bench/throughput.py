@@ -50,11 +50,11 @@ from metarec.datasets.synthetic import SyntheticStream
 from metarec.evaluation import auc
 from metarec.learner import LEARN, PREDICT, OnlineLearner, Ops
 from metarec.meta import Algorithm
+from metarec.session import StreamSession
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker, free_port
 from streamer.metrics import FRESHNESS_BUCKETS
-from streamer.pipeline import Pipeline
 from streamer.replay import replay
 from streamer.runner import Runner
 from streamer.sources import read_source
@@ -72,7 +72,7 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
 
 def metarec_replay(_: list[Event]) -> tuple[float, float]:
     """End to end: JSON records, validation, joining, learning (default config)."""
-    summary = replay(Settings(metrics_port=0), "movielens-100k", progress=False)
+    summary = replay(Settings.of(metrics_port=0), "movielens-100k", progress=False)
     return summary.events_per_second, float(summary.quality["auc"])
 
 
@@ -134,7 +134,7 @@ def bare_consumer(bootstrap: str, topic: str, total: int) -> float:
 
 def metarec_run(bootstrap: str, topic: str, repeat: int) -> float:
     """``metarec run`` (a fresh consumer group) drains the topic; events/s while busy."""
-    settings = Settings(bootstrap_servers=bootstrap, events_topic=topic, metrics_port=0,
+    settings = Settings.of(bootstrap_servers=bootstrap, events_topic=topic, metrics_port=0,
                         group_id=f"bench-{repeat}", model_topic=f"bench.model.{repeat}",
                         dlq_topic="bench.dlq", drift_topic="bench.drift",
                         idle_exit_seconds=3.0, demo_source=None)
@@ -145,8 +145,8 @@ def metarec_run(bootstrap: str, topic: str, repeat: int) -> float:
 def bench_kafka(repeats: int) -> list[str]:
     topic = "bench.events"
     with EmbeddedBroker() as broker:
-        settings = Settings(bootstrap_servers=broker.bootstrap, events_topic=topic)
-        kafka_io.ensure_topics(broker.bootstrap, settings)
+        settings = Settings.of(bootstrap_servers=broker.bootstrap, events_topic=topic)
+        kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
         prod = kafka_io.producer(broker.bootstrap)
         total = kafka_io.produce_records(prod, topic, read_source("movielens-100k"))
         prod.close()
@@ -184,7 +184,7 @@ def features(rng: np.random.Generator, n: int, slots: int) -> np.ndarray:
 def bench_users(n_users: int, events_per_user: int, batch_users: int) -> list[str]:
     """Every user arrives, is scored and learns ``events_per_user`` labels: ops built as
     arrays (the learner's input), so this measures the learner's state alone."""
-    learner = OnlineLearner(Settings().learner_config())
+    learner = OnlineLearner(Settings().session.learner)
     spec = learner.config.model.features
     rng = np.random.default_rng(0)
     before = resident_bytes()
@@ -256,14 +256,15 @@ def bare_latency_consumer(bootstrap: str, topic: str, skip: int, total: int,
     latency (now minus its Kafka timestamp) over the records after the first
     ``skip``, on ``FRESHNESS_BUCKETS``, as JSON. Touches ``ready`` once it has seen
     ``skip`` records."""
-    settings = Settings(bootstrap_servers=bootstrap, events_topic=topic, group_id="bare")
-    cons = kafka_io.consumer(bootstrap, settings)
+    settings = Settings.of(bootstrap_servers=bootstrap, events_topic=topic, group_id="bare")
+    cons = kafka_io.group_consumer(bootstrap, settings.kafka, settings.session.max_batch_records)
     cons.subscribe([topic])
     latencies: list[float] = []
     seen = 0
     try:
         while seen < total:
-            for msgs in cons.poll(timeout_ms=100, max_records=settings.max_batch_records).values():
+            polled = cons.poll(timeout_ms=100, max_records=settings.session.max_batch_records)
+            for msgs in polled.values():
                 now = time.time()
                 for m in msgs:
                     json.loads(m.value)
@@ -319,7 +320,7 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp, \
             open(os.path.join(tmp, "run.log"), "w+b") as log_file:
         for topic in (bare_topic, run_topic):
-            kafka_io.ensure_topics(broker.bootstrap, Settings(events_topic=topic))
+            kafka_io.ensure_topics(broker.bootstrap, Settings.of(events_topic=topic).kafka)
         # Both consumers start before the load generator lowers its own priority below:
         # children would inherit it, and only privilege could raise it back.
         # The floor: a consumer that only polls and decodes, on its own topic.
@@ -332,7 +333,7 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
         env = {**os.environ, "METAREC_BOOTSTRAP_SERVERS": broker.bootstrap,
                "METAREC_EVENTS_TOPIC": run_topic, "METAREC_METRICS_PORT": str(port),
                "METAREC_GROUP_ID": "latency", "METAREC_IDLE_EXIT_SECONDS": "600"}
-        # the consumer's log goes to a file: a pipe nobody reads would block it when full
+        # the consumer's log goes to a file: a session nobody reads would block it when full
         proc = subprocess.Popen([sys.executable, "-m", "streamer.cli", "run"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log_file)
         # The load generator shares the 2 cores with the broker and the consumers it
@@ -396,14 +397,15 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
 
 def bench_meta(repeats: int) -> list[str]:
     """A learner warmed on MovieLens (943 users), then meta-updates over 256 of them."""
-    settings = Settings(metrics_port=0)
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    settings = Settings.of(metrics_port=0)
+    session = StreamSession(settings.session)
     records = list(read_source("movielens-100k"))
     for i in range(0, len(records), 1000):
-        pipeline.process(records[i:i + 1000])
-    warmed = pipeline.learner
-    lines = [f"### One meta-update over {settings.meta_users} users' tasks "
-             f"({settings.task_size} examples each), {repeats * 5} repeats", "",
+        session.process(records[i:i + 1000])
+    warmed = session.learner
+    users = settings.session.learner.meta.users_per_update
+    lines = [f"### One meta-update over {users} users' tasks "
+             f"({settings.session.learner.task_size} examples each), {repeats * 5} repeats", "",
              "| algorithm | ms, median (min - max) |", "|---|---:|"]
     for algorithm in Algorithm:
         config = warmed.config.model_copy(deep=True)
@@ -413,7 +415,7 @@ def bench_meta(repeats: int) -> list[str]:
         ms = []
         for _ in range(repeats * 5):
             report = learner.meta_update()
-            assert report is not None and report.users == settings.meta_users
+            assert report is not None and report.users == users
             ms.append(report.seconds * 1000)
         lines.append(f"| {algorithm.value} | {spread(ms, '{:.1f}')} |")
     return lines

@@ -27,16 +27,50 @@ from river import drift
 
 
 class DriftConfig(BaseModel):
-    warmup: int = Field(2000, ge=0, description="examples per segment before alarms count")
-    adwin_delta: float = Field(0.01, gt=0, lt=1, description="ADWIN confidence on logloss")
-    ph_threshold: float = Field(60.0, gt=0, description="Page-Hinkley threshold (click rate, "
-                                "score)")
-    ph_delta: float = Field(0.05, ge=0, description="Page-Hinkley tolerated change")
-    psi_window: int = Field(2000, ge=100, description="examples in the PSI windows")
-    psi_threshold: float = Field(0.25, gt=0, description="PSI above this is an alarm")
-    segment_field: str = Field("platform", description="context field whose values are "
-                               "segments")
-    max_segments: int = Field(20, ge=1, description="segments tracked besides 'all'")
+    """Every setting of the drift monitor: its detectors, their windows, the segments."""
+
+    warmup: int = Field(
+        2000, ge=0, description="labelled examples a segment sees before any of its alarms "
+        "is raised (its PSI windows start filling after them)")
+    adwin_delta: float = Field(
+        0.01, gt=0, lt=1, description="ADWIN's confidence on the per-example logloss: "
+        "smaller, fewer and later alarms")
+    ph_threshold: float = Field(
+        60.0, gt=0, description="Page-Hinkley alarm threshold on the click rate and on the "
+        "score: the cumulative deviation from their running mean, summed over examples")
+    ph_delta: float = Field(
+        0.05, ge=0, description="deviation of a label or a score from its running mean "
+        "(probability units, per example) that Page-Hinkley tolerates without alarm")
+    ph_min_instances: int = Field(
+        30, ge=1, description="examples a Page-Hinkley detector sees, at the start and "
+        "after each alarm, before it may raise one")
+    ph_alpha: float = Field(
+        1 - 0.0001, gt=0, le=1, description="Page-Hinkley's forgetting factor per example "
+        "on the accumulated deviation (1: never forgets)")
+    psi_window: int = Field(
+        2000, ge=100, description="labelled examples in each PSI window: the latest window "
+        "is compared with the one just before it")
+    psi_threshold: float = Field(
+        0.25, gt=0, description="population stability index above which the latest window "
+        "is an alarm (0.25: the customary 'major shift')")
+    psi_bins: int = Field(
+        10, ge=2, le=100, description="bins of the score PSI, cut at the quantiles of the "
+        "reference window (10: deciles)")
+    psi_checks_per_window: int = Field(
+        4, ge=1, le=100, description="PSI comparisons per window of new examples (4: one "
+        "every quarter window)")
+    slow_average_examples: int = Field(
+        2000, ge=1, description="span in examples of the slow moving average a click-rate "
+        "or score alarm reports as the value before the change")
+    fast_average_examples: int = Field(
+        200, ge=1, description="span in examples of the fast moving average a click-rate "
+        "or score alarm reports as the value after the change")
+    segment_field: str = Field(
+        "platform", description="context field whose values are the segments monitored "
+        "on their own besides 'all'")
+    max_segments: int = Field(
+        20, ge=1, description="segment values monitored at most besides 'all'; values first "
+        "seen after that count in 'all' only")
 
 
 @dataclass(frozen=True)
@@ -56,17 +90,25 @@ class DriftEvent:
         return self.after - self.before
 
 
+#: added to every bin's share: a bin empty in one sample would make the PSI infinite
+PSI_EPSILON = 1e-4
+
+#: Page-Hinkley's recursion is run over chunks of this many examples: within one,
+#: alpha**-k stays near 1, so the cumulative sums keep their precision
+PH_CHUNK = 4096
+
+
 def psi(reference: np.ndarray, current: np.ndarray, edges: np.ndarray) -> float:
     """Population stability index of two samples over the bins ``edges``."""
-    eps = 1e-4
-    ref = np.histogram(reference, edges)[0] / max(len(reference), 1) + eps
-    cur = np.histogram(current, edges)[0] / max(len(current), 1) + eps
+    ref = np.histogram(reference, edges)[0] / max(len(reference), 1) + PSI_EPSILON
+    cur = np.histogram(current, edges)[0] / max(len(current), 1) + PSI_EPSILON
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
 class PageHinkley:
     """river's ``PageHinkley`` (mode "both"), over arrays: the same recursion, as
-    cumulative sums. Called per example, river's was the monitor's largest cost."""
+    cumulative sums, so a micro-batch costs a few numpy calls rather than a Python
+    call per example."""
 
     def __init__(self, threshold: float, delta: float, min_instances: int = 30,
                  alpha: float = 1 - 0.0001):
@@ -88,7 +130,7 @@ class PageHinkley:
         while j < len(x):
             if self.drift_detected:
                 self._reset()
-            xs = x[j:j + 4096]  # alpha**-k stays near 1 within a chunk
+            xs = x[j:j + PH_CHUNK]
             k = np.arange(1, len(xs) + 1)
             n = self.n + k
             mean = (self.mean * self.n + np.cumsum(xs)) / n
@@ -112,13 +154,18 @@ class PageHinkley:
 
 
 class _PSI:
-    """PSI of the latest window against the window just before it, every quarter
-    window. Comparing neighbours, not a fixed first window, lets a model's scores
-    shift slowly as it learns, and still catches an abrupt change within a window."""
+    """PSI of the latest window against the window just before it, every
+    ``window // checks`` examples, over fixed ``edges`` or else ``bins`` cut at the
+    reference's quantiles. Comparing neighbours, not a fixed first window, lets a
+    model's scores shift slowly as it learns, and still catches an abrupt change
+    within a window."""
 
-    def __init__(self, window: int, edges: np.ndarray | None = None):
+    def __init__(self, window: int, edges: np.ndarray | None = None, *, bins: int = 10,
+                 checks: int = 4):
         self.window = window
         self.fixed_edges = edges
+        self.bins = bins
+        self.every = window // checks
         # the latest (up to) 2 windows of values, a ring ending before index `end`
         self._ring = np.zeros(2 * window)
         self._held = self._end = 0
@@ -126,19 +173,19 @@ class _PSI:
 
     def update_many(self, xs: np.ndarray,
                     threshold: float) -> list[tuple[int, float, float, float]]:
-        """Feed ``xs`` in order, comparing every quarter window once two are held and
-        re-basing after each alarm: (index, psi, reference mean, current mean) for
-        every comparison made."""
+        """Feed ``xs`` in order, comparing every ``window // checks`` examples once two
+        windows are held and re-basing after each alarm: (index, psi, reference mean,
+        current mean) for every comparison made."""
         out = []
         j = 0
         while j < len(xs):
             # append up to the next comparison at once
-            step = max(2 * self.window - self._held, self.window // 4 - self.since, 1)
+            step = max(2 * self.window - self._held, self.every - self.since, 1)
             chunk = xs[j:j + step]
             self._append(chunk)
             self.since += len(chunk)
             j += len(chunk)
-            if self._held < 2 * self.window or self.since < self.window // 4:
+            if self._held < 2 * self.window or self.since < self.every:
                 continue
             self.since = 0
             got = self._compare()
@@ -159,14 +206,17 @@ class _PSI:
         data = self._ring[(self._end - size + np.arange(size)) % size]  # oldest first
         ref, cur = data[: self.window], data[self.window:]
         edges = self.fixed_edges
-        if edges is None:  # deciles of the reference
-            inner = np.unique(np.quantile(ref, np.linspace(0.1, 0.9, 9)))
+        if edges is None:  # the reference's quantiles (deciles for 10 bins)
+            inner = np.unique(np.quantile(ref, np.linspace(1 / self.bins, 1 - 1 / self.bins,
+                                                           self.bins - 1)))
             edges = np.concatenate([[-np.inf], inner, [np.inf]])
         return psi(ref, cur, edges), float(ref.mean()), float(cur.mean())
 
 
-# an item seen 0, 1, 2 or 3+ times before: a stationary catalogue settles at 3+
-NOVELTY_EDGES = np.array([-np.inf, 0.5, 1.5, 2.5, np.inf])
+#: an item seen 0, 1, 2 or 3+ times before: a stationary catalogue settles at 3+, and
+#: more bins would only tell apart items that are all familiar
+NOVELTY_CAP = 3
+NOVELTY_EDGES = np.array([-np.inf, *(k + 0.5 for k in range(NOVELTY_CAP)), np.inf])
 
 
 @dataclass
@@ -179,7 +229,7 @@ class _Segment:
     ph_score: PageHinkley = field(init=False)
     psi_score: _PSI = field(init=False)
     psi_novelty: _PSI = field(init=False)
-    # slow (~2,000 examples) and fast (~200) moving averages: "from what to what"
+    # slow and fast moving averages (DriftConfig's spans): "from what to what"
     ctr_slow: float = 0.0
     ctr_fast: float = 0.0
     score_slow: float = 0.0
@@ -188,10 +238,11 @@ class _Segment:
     def __post_init__(self) -> None:
         c = self.config
         self.adwin = drift.ADWIN(delta=c.adwin_delta)
-        self.ph_ctr = PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
-        self.ph_score = PageHinkley(threshold=c.ph_threshold, delta=c.ph_delta)
-        self.psi_score = _PSI(c.psi_window)
-        self.psi_novelty = _PSI(c.psi_window, NOVELTY_EDGES)
+        self.ph_ctr, self.ph_score = (
+            PageHinkley(c.ph_threshold, c.ph_delta, c.ph_min_instances, c.ph_alpha)
+            for _ in range(2))
+        self.psi_score = _PSI(c.psi_window, bins=c.psi_bins, checks=c.psi_checks_per_window)
+        self.psi_novelty = _PSI(c.psi_window, NOVELTY_EDGES, checks=c.psi_checks_per_window)
 
     def update(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
                novelty: np.ndarray, latest_psi: dict[tuple[str, str], float]) -> list[DriftEvent]:
@@ -224,7 +275,9 @@ class _Segment:
         # moving averages, kept per example: "from what to what" for the alarms
         ewma = np.empty((m, 4))
         _moving_averages(label, p, n0, np.array([self.ctr_slow, self.ctr_fast, self.score_slow,
-                                                 self.score_fast]), ewma)
+                                                 self.score_fast]),
+                         (self.config.slow_average_examples, self.config.fast_average_examples),
+                         ewma)
         self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast = ewma[-1].tolist()
         for signal, ph, values, col in (("click_rate", self.ph_ctr, label, 0),
                                         ("score", self.ph_score, p, 2)):
@@ -245,13 +298,14 @@ class _Segment:
 
 @njit(cache=True)
 def _moving_averages(label: np.ndarray, score: np.ndarray, n0: int, start: np.ndarray,
-                     out: np.ndarray) -> None:
-    """Slow (~2,000 examples) and fast (~200) moving averages of the label and the
-    score after each example, from ``start`` after ``n0`` examples: ``out`` m x 4."""
+                     spans: tuple[int, int], out: np.ndarray) -> None:
+    """Slow and fast moving averages (over about ``spans`` examples) of the label and
+    the score after each example, from ``start`` after ``n0`` examples: ``out`` m x 4."""
     avg = start.copy()
+    slow_span, fast_span = spans
     for j in range(label.shape[0]):
         n = n0 + j + 1
-        slow, fast = 1.0 / min(n, 2000), 1.0 / min(n, 200)
+        slow, fast = 1.0 / min(n, slow_span), 1.0 / min(n, fast_span)
         avg[0] += slow * (label[j] - avg[0])
         avg[1] += fast * (label[j] - avg[1])
         avg[2] += slow * (score[j] - avg[2])
@@ -260,18 +314,14 @@ def _moving_averages(label: np.ndarray, score: np.ndarray, n0: int, start: np.nd
 
 
 class DriftMonitor:
+    """Drift alarms over the labelled predictions, overall ('all') and per segment."""
+
     def __init__(self, config: DriftConfig | None = None):
         self.config = config or DriftConfig()
         self.segments: dict[str, _Segment] = {}
         self.item_seen: defaultdict[str, int] = defaultdict(int)
         self.events: list[DriftEvent] = []
         self.latest_psi: dict[tuple[str, str], float] = {}
-
-    def update(self, p: float, label: float, timestamp: float, item_id: str,
-               segment: str | None) -> list[DriftEvent]:
-        """One labelled prediction; returns the alarms it raised."""
-        return self.update_batch(np.array([p]), np.array([label]), np.array([timestamp]),
-                                 [item_id], [segment])
 
     def update_batch(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
                      item_ids: list[str], segments: list[str | None]) -> list[DriftEvent]:
@@ -281,7 +331,7 @@ class DriftMonitor:
         novelty = np.empty(len(item_ids))
         for j, item in enumerate(item_ids):
             count = seen[item]
-            novelty[j] = min(count, 3)
+            novelty[j] = min(count, NOVELTY_CAP)
             seen[item] = count + 1
         overall = self._segment("all")
         groups: dict[str, list[int]] = {}

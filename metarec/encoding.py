@@ -9,6 +9,9 @@ import numpy as np
 
 from metarec.events import FeatureValue, Impression
 from metarec.features import (
+    CONTEXT_CACHE_BYTES,
+    SLOT_CACHE_BYTES,
+    TOKEN_CACHE_BYTES,
     BoundedCache,
     FeatureSpec,
     SlotCache,
@@ -27,9 +30,10 @@ class Encoder:
     slots in caches of at most the given bytes each (0: none), all hashing feature
     tokens through one token cache."""
 
-    def __init__(self, spec: FeatureSpec, *, item_cache_bytes: int = 64 << 20,
-                 user_cache_bytes: int = 64 << 20, context_cache_bytes: int = 16 << 20,
-                 token_cache_bytes: int = 16 << 20):
+    def __init__(self, spec: FeatureSpec, *, item_cache_bytes: int = SLOT_CACHE_BYTES,
+                 user_cache_bytes: int = SLOT_CACHE_BYTES,
+                 context_cache_bytes: int = CONTEXT_CACHE_BYTES,
+                 token_cache_bytes: int = TOKEN_CACHE_BYTES):
         self.spec = spec
         self.tokens = TokenBuckets(spec.feature_buckets, token_cache_bytes)
         self.items = SlotCache(spec.item_slots, spec, "item=", item_cache_bytes, self.tokens)
@@ -94,12 +98,8 @@ class Encoder:
 
 
 def _matrix(rows: list[tuple[int, ...]], width: int) -> np.ndarray:
-    """Equal-width tuples as an int64 matrix (faster than ``np.array`` of tuples)."""
+    """Equal-width tuples as an int64 matrix, built from one flat iterator rather than
+    by ``np.array`` inspecting every tuple."""
     flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=len(rows) * width)
     return flat.reshape(len(rows), width)
 
-
-def encode(impressions: Sequence[Impression], kinds: Sequence[int], labels: Sequence[float],
-           spec: FeatureSpec) -> Ops:
-    """:meth:`Encoder.encode` without memory across calls."""
-    return Encoder(spec).encode(impressions, kinds, labels)

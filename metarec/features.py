@@ -5,8 +5,8 @@ model never needs a vocabulary and new items or feature values cost nothing to
 admit. Bucket 0 is reserved as padding (an empty slot).
 
 The caches of hashed slots are bounded in bytes, not entries: a record may hold
-up to ``max_record_bytes`` of feature values, and a bound by count let a stream
-of such records with new ids hold gigabytes. An entry's size is estimated once,
+up to ``max_record_bytes`` of feature values, so a bound by count would let a
+stream of such records with new ids hold gigabytes. An entry's size is estimated once,
 when it is stored, from the lengths of the strings it keeps alive plus a fixed
 overhead per object (:func:`mapping_bytes`).
 """
@@ -19,7 +19,6 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from operator import itemgetter
 from typing import Generic, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from metarec.events import FeatureValue
@@ -38,15 +37,33 @@ _PAIR = 64  # a (field, value) tuple of a context key, and its type
 _TOKEN = _OBJECT + 72  # a cached token: its str, its bucket's int, the cache's slot
 _ENTRY = 240  # a slot cache entry: the key's str, the entry tuple, the cache's slot
 
+#: Default byte budgets of the caches (a deployment sets its own, see
+#: :class:`metarec.encoding.Encoder`). An item's or a user's entry keeps its whole
+#: feature map alive, so those caches get the most room; tokens and contexts are
+#: short and repeat, and a quarter of that holds their working set.
+SLOT_CACHE_BYTES = 64 << 20
+TOKEN_CACHE_BYTES = 16 << 20
+CONTEXT_CACHE_BYTES = 16 << 20
+
 
 class FeatureSpec(BaseModel):
     """Sizes of the hashed tables and of the per-example slot arrays."""
 
-    item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
-    feature_buckets: int = Field(1 << 15, ge=2, description="hash buckets for feature tokens")
-    item_slots: int = Field(8, ge=1, description="feature tokens kept per item")
-    user_slots: int = Field(4, ge=1, description="feature tokens kept per user")
-    context_slots: int = Field(3, ge=1, description="context tokens kept per impression")
+    item_buckets: int = Field(
+        1 << 16, ge=2, description="rows of the item-id embedding table that item ids are "
+        "hashed into (bucket 0 is padding); more rows, fewer items sharing one")
+    feature_buckets: int = Field(
+        1 << 15, ge=2, description="rows of the feature embedding table that 'field=value' "
+        "tokens are hashed into (bucket 0 is padding); more rows, fewer tokens sharing one")
+    item_slots: int = Field(
+        8, ge=1, description="feature tokens of an item the model sees, the first ones in "
+        "the item's feature map; the rest are dropped")
+    user_slots: int = Field(
+        4, ge=1, description="feature tokens of a user the model sees, the first ones in "
+        "the user's feature map; the rest are dropped")
+    context_slots: int = Field(
+        3, ge=1, description="context tokens of an impression the model sees, the first "
+        "ones in its context map; the rest are dropped")
 
 
 def bucket(token: str, buckets: int) -> int:
@@ -76,13 +93,6 @@ def slot_tuple(features: Mapping[str, FeatureValue], width: int,
     """The buckets of the first ``width`` tokens, 0-padded to ``width``."""
     found = tuple(map(bucket_of, tokens(features, width)))
     return found + (0,) * (width - len(found))
-
-
-def slots(features: Mapping[str, FeatureValue], width: int, spec: FeatureSpec) -> np.ndarray:
-    """Hash a feature mapping into ``width`` slots (0-padded, extra tokens dropped)."""
-    buckets = spec.feature_buckets
-    return np.array(slot_tuple(features, width, lambda token: bucket(token, buckets)),
-                    dtype=np.int64)
 
 
 def _chars(text: str) -> int:
@@ -126,9 +136,9 @@ class BoundedCache(Generic[K, V]):
     moves a hit back (:meth:`revive`).
 
     Not a true LRU: that moves an entry on every hit, work on every event. Here a hit
-    is one lookup in a plain dict, as before the bound, and entries in use survive
-    a turnover, which they would not if the whole cache were cleared when full. An
-    entry larger than half the budget is not stored (a budget of 0: no caching)."""
+    is one lookup in a plain dict, and entries in use survive a turnover, which they
+    would not if the whole cache were cleared when full. An entry larger than half
+    the budget is not stored (a budget of 0: no caching)."""
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
@@ -178,7 +188,7 @@ class TokenBuckets(BoundedCache[str, int]):
     """Tokens' buckets in a table of ``buckets``, cached up to ``max_bytes``; tokens
     longer than :data:`MAX_CACHED_TOKEN` characters bypass the cache."""
 
-    def __init__(self, buckets: int, max_bytes: int = 16 << 20):
+    def __init__(self, buckets: int, max_bytes: int = TOKEN_CACHE_BYTES):
         super().__init__(max_bytes)
         self.buckets = buckets
 
@@ -203,13 +213,13 @@ _entry_bytes: Callable[[_Entry], int] = itemgetter(3)
 class SlotCache(BoundedCache[str, _Entry]):
     """The slots of the features last seen for each key (an item or a user id), as a
     tuple, and the key's own bucket in the item table when ``prefix`` is given.
-    Events repeat their item's and user's features; hashing them again was a fifth
-    of a replay's time. A changed mapping is hashed anew. Holds about ``max_bytes``
+    Events repeat their item's and user's features, so each mapping is hashed once
+    while it stays the same; a changed mapping is hashed anew. Holds about ``max_bytes``
     of keys, mappings and slots at most; tokens are hashed through
     ``token_buckets`` (by default a token cache of its own)."""
 
     def __init__(self, width: int, spec: FeatureSpec, prefix: str | None = None,
-                 max_bytes: int = 64 << 20, token_buckets: TokenBuckets | None = None):
+                 max_bytes: int = SLOT_CACHE_BYTES, token_buckets: TokenBuckets | None = None):
         super().__init__(max_bytes)
         self.width, self.spec, self.prefix = width, spec, prefix
         self.token_buckets = (TokenBuckets(spec.feature_buckets) if token_buckets is None

@@ -38,6 +38,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, Field
+
 from metarec.events import Click, Impression, Rejected
 from metarec.ordering import RecentMedian
 
@@ -62,6 +64,35 @@ class ClickRelease(enum.StrEnum):
 
     WINDOW_END = "window_end"
     ON_ARRIVAL = "on_arrival"
+
+
+class JoinConfig(BaseModel):
+    """How clicks meet their impressions, and how much waits for them."""
+
+    attribution_window_seconds: float = Field(
+        3600.0, gt=0, description="a click counts if it comes this long after its impression")
+    allowed_lateness_seconds: float = Field(
+        60.0, ge=0, description="watermark = the lower median of the latest event times minus "
+        "this")
+    click_release: ClickRelease = Field(
+        ClickRelease.WINDOW_END, description="when a joined click is learned: window_end "
+        "(with the no-clicks of its time, unbiased) or on_arrival (at once: faster, but "
+        "positives come first while windows are open)")
+    max_pending_impressions: int = Field(
+        1_000_000, ge=1, description="unlabelled impressions held at most (then the earliest "
+        "window is closed as 0)")
+    max_pending_bytes: int = Field(
+        256 << 20, ge=1, description="bytes of unlabelled impressions' records held at most "
+        "(then the earliest window is closed as 0)")
+    dedup_horizon_seconds: float = Field(
+        86400.0, ge=0, description="an impression id seen again within this much event time "
+        "is a duplicate: dropped and counted")
+    max_orphan_clicks: int = Field(
+        100_000, ge=0, description="clicks waiting for their impression held at most (the "
+        "oldest are dropped)")
+    max_remembered_ids: int = Field(
+        1_000_000, ge=0, description="labelled impression ids remembered for the dedup "
+        "horizon at most (the oldest are forgotten)")
 
 
 @dataclass(slots=True)
@@ -99,6 +130,16 @@ class Joiner:
     # inserted in about event-time order, so the oldest are at the front
     _seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
     _clock: RecentMedian = field(default_factory=RecentMedian)
+
+    @classmethod
+    def of(cls, config: JoinConfig) -> Joiner:
+        return cls(window=config.attribution_window_seconds,
+                   lateness=config.allowed_lateness_seconds, release=config.click_release,
+                   max_pending=config.max_pending_impressions,
+                   max_pending_bytes=config.max_pending_bytes,
+                   max_orphans=config.max_orphan_clicks,
+                   dedup_horizon=config.dedup_horizon_seconds,
+                   max_seen=config.max_remembered_ids)
 
     @property
     def pending(self) -> int:

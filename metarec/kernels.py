@@ -1,25 +1,37 @@
 """The serving side of the model, compiled (numba): a micro-batch's predictions
-and fast-weight steps in stream order in one call, its representation, and θ's
-online step.
+and fast-weight steps in stream order in one call, its representation, θ's
+online step, and the per-user adaptation they share with Reptile.
 
 Users rate and click in bursts, so a micro-batch is mostly a few users' long
 chains of predict, learn, predict, ...; each link depends on the one before,
-so no batching across users can shorten them. Run in Python, each link was a
-few dozen numpy calls (about 100 µs); compiled it is about a microsecond.
+so no batching across users can shorten them; compiled, a link costs about a
+microsecond.
+
+Every kernel takes named tuples of arrays (:class:`UserArrays`,
+:class:`ThetaArrays`, ...), never long runs of positional arrays: two arrays of
+the same dtype swapped would compile and run. A kernel binds the fields it uses
+to locals, by name, before its loops: a field read inside a loop costs a
+reference count per read and kept the loops from being vectorised (a third
+slower). The per-user adaptation is picked
+by the type of its settings (:class:`GradientSteps` or :class:`PrototypeShift`),
+once per compilation, so the serving loop takes no flag and branches on none.
 
 The math is that of :mod:`metarec.model` (``represent``, ``logit``,
 ``inner_step``, ``prototype``) and its autograd gradient; tests hold a
-micro-batch through these kernels equal to the torch model, op by op. The torch
-versions stay the differentiable ones that MAML, FOMAML and Meta-SGD use.
-Compiled code is cached beside this file (``__pycache__``) on first use.
+micro-batch through these kernels equal to the torch model, op by op.
+Compiled code is cached beside this file (``__pycache__``) on first use. numba
+checks a cached kernel against its own file only, so every kernel and every
+named tuple they take lives in this one file: an edit anywhere recompiles all.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 PREDICT = 0
 LEARN = 1
@@ -29,6 +41,140 @@ LEARN = 1
 #: differences in the scores (at most 9e-6 on MovieLens); NaN and infinity keep
 #: their meaning.
 FAST = {"reassoc", "contract", "nsz"}
+
+
+# -- named inputs ------------------------------------------------------------------------
+
+
+class ExampleIds(NamedTuple):
+    """Index arrays of ``n`` examples; feature slot 0 is empty."""
+
+    item: np.ndarray  # n, item bucket
+    item_feats: np.ndarray  # n x item_slots
+    user_feats: np.ndarray  # n x (user_slots + context_slots)
+
+
+class ThetaArrays(NamedTuple):
+    """θ's tables and global bias: numpy views of its tensors, written in place."""
+
+    item_emb: np.ndarray  # item_buckets x d
+    item_bias: np.ndarray  # item_buckets
+    feat_emb: np.ndarray  # feature_buckets x d
+    feat_bias: np.ndarray  # feature_buckets
+    global_bias: np.ndarray  # 1
+
+
+class AdagradArrays(NamedTuple):
+    """Adagrad's sums of squared gradients, one per array of :class:`ThetaArrays`."""
+
+    item_emb: np.ndarray
+    item_bias: np.ndarray
+    feat_emb: np.ndarray
+    feat_bias: np.ndarray
+    global_bias: np.ndarray
+
+
+class Scratch(NamedTuple):
+    """Gradient rows (zero) and touched-flags (False) the size of the item and feature
+    tables: only the rows a batch touches cost anything, and the step leaves them
+    zero and False again."""
+
+    item_grad: np.ndarray  # item_buckets x d+1
+    feat_grad: np.ndarray  # feature_buckets x d+1
+    item_touched: np.ndarray  # item_buckets
+    feat_touched: np.ndarray  # feature_buckets
+
+
+class Represented(NamedTuple):
+    """Everything of ``n`` logits except φ_u (:func:`represent` writes them)."""
+
+    q: np.ndarray  # n x d, the item's side
+    base: np.ndarray  # n, the biases and <user side, q>
+    side: np.ndarray  # n x d, the user's side
+
+
+class LabelledBatch(NamedTuple):
+    """A micro-batch's labelled examples as they were scored: θ's online step."""
+
+    ids: ExampleIds
+    q: np.ndarray  # n x d
+    side: np.ndarray  # n x d
+    err: np.ndarray  # n, sigmoid(logit) - label: the loss's derivative in the logit
+    phi: np.ndarray  # n x d+1, the fast weights each example met
+
+
+class UserArrays(NamedTuple):
+    """The user store's rows: fast weights, labels taught, and the ring of recent
+    labelled examples (slot ``learned % ring`` is the next written)."""
+
+    phi: np.ndarray  # users x d+1
+    learned: np.ndarray  # users
+    ring_item: np.ndarray  # users x ring
+    ring_context: np.ndarray  # users x ring x context_slots
+    ring_label: np.ndarray  # users x ring, int8
+
+
+class OpArrays(NamedTuple):
+    """A micro-batch's ops in stream order, represented under the batch's θ."""
+
+    rows: np.ndarray  # n, user row in the store
+    kind: np.ndarray  # n, PREDICT or LEARN
+    label: np.ndarray  # n, meaningful for LEARN
+    q: np.ndarray  # n x d
+    base: np.ndarray  # n
+    task_of: np.ndarray  # n, the op's user's row in BatchTasks, -1 if they only predict
+    item: np.ndarray  # n, item bucket
+    context: np.ndarray  # n x context_slots
+
+
+class BatchTasks(NamedTuple):
+    """The tasks of a micro-batch's learning users by ring slot, represented under the
+    batch's θ; :func:`serve` keeps them in step with the store's rings."""
+
+    rows: np.ndarray  # m, user row in the store
+    q: np.ndarray  # m x W x d
+    base: np.ndarray  # m x W
+    y: np.ndarray  # m x W
+    mask: np.ndarray  # m x W, 1 for a filled slot
+
+
+class WeightedTasks(NamedTuple):
+    """Users' tasks with a weight per example (:func:`adapt_tasks`)."""
+
+    q: np.ndarray  # n x R x d
+    base: np.ndarray  # n x R
+    y: np.ndarray  # n x R
+    weight: np.ndarray  # n x R, 0 for an empty slot; normalised per user by the kernel
+
+
+class Served(NamedTuple):
+    """What :func:`serve` writes per op."""
+
+    p: np.ndarray  # n, a prediction's probability
+    k: np.ndarray  # n, labels the user had taught before a prediction
+    learn_phi: np.ndarray  # n x d+1, the fast weights a label met
+
+
+class GradientSteps(NamedTuple):
+    """Adaptation by ``steps`` SGD steps on the user's weighted logistic loss plus
+    ``l2/2 |φ - φ_0|²`` (:func:`metarec.model.inner_step`)."""
+
+    lr: np.ndarray  # d+1, per-parameter inner rate
+    phi0: np.ndarray  # d+1
+    l2: float
+    steps: int  # 0: no adaptation
+
+
+class PrototypeShift(NamedTuple):
+    """Gradient-free adaptation: φ = φ_0 + lr · weighted mean of ±(q, 1), + for a
+    click (:func:`metarec.model.prototype`)."""
+
+    lr: np.ndarray  # d+1
+    phi0: np.ndarray  # d+1
+    steps: int  # 0: no adaptation
+
+
+# -- the per-user adaptation -------------------------------------------------------------
 
 
 @njit(cache=True, fastmath=FAST)
@@ -46,35 +192,13 @@ def _sigmoid(z: float) -> float:
 
 
 @njit(cache=True, fastmath=FAST)
-def _adapt(phi: np.ndarray, count: int, q: np.ndarray, base: np.ndarray, y: np.ndarray,
-           mask: np.ndarray, decay: np.ndarray, lr: np.ndarray, phi0: np.ndarray,
-           l2: float, steps: int, prototype: bool) -> None:
-    """Adapt one user's ``phi`` in place on their task (``q`` W x d and ``base``,
-    ``y``, ``mask`` W, by ring slot); ``count`` is the labels the user has given,
-    which dates each slot for its recency weight ``decay[age]``."""
-    if steps == 0:
-        return
+def _gradient_steps(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
+                    weight: np.ndarray, lr: np.ndarray, phi0: np.ndarray, l2: float,
+                    steps: int) -> None:
+    """:class:`GradientSteps` on one user's task (``q`` W x d; ``base``, ``y`` and the
+    normalised ``weight`` W), ``phi`` in place."""
     width, d = q.shape
-    ring = decay.shape[0]
-    weight = np.empty(width, dtype=np.float32)
-    total = np.float32(0.0)
-    for s in range(width):
-        weight[s] = mask[s] * decay[(count - 1 - s) % ring]
-        total += weight[s]
-    norm = max(total, np.float32(1.0))
-    for s in range(width):
-        weight[s] /= norm
     grad = np.empty(d + 1, dtype=np.float32)
-    if prototype:
-        grad[:] = 0.0
-        for s in range(width):
-            sign = (2.0 * y[s] - 1.0) * weight[s]
-            for c in range(d):
-                grad[c] += sign * q[s, c]
-            grad[d] += sign
-        for c in range(d + 1):
-            phi[c] = phi0[c] + lr[c] * grad[c]
-        return
     for _ in range(steps):
         grad[:] = 0.0
         for s in range(width):
@@ -89,33 +213,119 @@ def _adapt(phi: np.ndarray, count: int, q: np.ndarray, base: np.ndarray, y: np.n
 
 
 @njit(cache=True, fastmath=FAST)
-def serve(rows: np.ndarray, kind: np.ndarray, label: np.ndarray, q: np.ndarray,
-          base: np.ndarray, task_of: np.ndarray, item: np.ndarray, context: np.ndarray,
-          phi: np.ndarray, learned: np.ndarray, ring_item: np.ndarray,
-          ring_context: np.ndarray, ring_label: np.ndarray,
-          task_row: np.ndarray, task_q: np.ndarray, task_base: np.ndarray,
-          task_y: np.ndarray, task_mask: np.ndarray,
-          decay: np.ndarray, lr: np.ndarray, phi0: np.ndarray, l2: float, steps: int,
-          prototype: bool, p: np.ndarray, k: np.ndarray, learn_phi: np.ndarray) -> None:
+def _prototype_shift(phi: np.ndarray, q: np.ndarray, y: np.ndarray, weight: np.ndarray,
+                     lr: np.ndarray, phi0: np.ndarray, steps: int) -> None:
+    """:class:`PrototypeShift` on one user's task, as :func:`_gradient_steps`."""
+    if steps == 0:
+        return
+    width, d = q.shape
+    shift = np.empty(d + 1, dtype=np.float32)
+    shift[:] = 0.0
+    for s in range(width):
+        sign = (2.0 * y[s] - 1.0) * weight[s]
+        for c in range(d):
+            shift[c] += sign * q[s, c]
+        shift[d] += sign
+    for c in range(d + 1):
+        phi[c] = phi0[c] + lr[c] * shift[c]
+
+
+def adapt(rule: GradientSteps | PrototypeShift, phi: np.ndarray, q: np.ndarray,
+          base: np.ndarray, y: np.ndarray, weight: np.ndarray) -> None:
+    """Adapt one user's ``phi`` in place by ``rule`` on their task (``q`` W x d;
+    ``base``, ``y`` and ``weight`` W, the weights normalised). Compiled code only:
+    the rule's type chooses the kernel when the caller is compiled."""
+    raise NotImplementedError("kernels.adapt is called from compiled code")
+
+
+@overload(adapt, inline="always")
+def _adapt_by_rule(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+    """The kernel of the rule's type (numba types a named tuple by its class), given
+    the rule's fields by name: a named tuple handed on down the calls cost a tenth
+    of an adaptation."""
+    kind = getattr(rule, "instance_class", None)
+    if kind is GradientSteps:
+        def gradient(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+            _gradient_steps(phi, q, base, y, weight, lr=rule.lr, phi0=rule.phi0, l2=rule.l2,
+                            steps=rule.steps)
+        return gradient
+    if kind is PrototypeShift:
+        def shift(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+            _prototype_shift(phi, q, y, weight, lr=rule.lr, phi0=rule.phi0, steps=rule.steps)
+        return shift
+    return None
+
+
+@njit(cache=True, fastmath=FAST)
+def _recency_weights(weight: np.ndarray, mask: np.ndarray, decay: np.ndarray,
+                     count: int) -> None:
+    """Normalised weights of a task by ring slot: ``decay[age]`` where the slot holds an
+    example, its age being the labels given after it (``count`` labels in all)."""
+    ring = decay.shape[0]
+    total = np.float32(0.0)
+    for s in range(weight.shape[0]):
+        weight[s] = mask[s] * decay[(count - 1 - s) % ring]
+        total += weight[s]
+    norm = max(total, np.float32(1.0))
+    for s in range(weight.shape[0]):
+        weight[s] /= norm
+
+
+@njit(cache=True, fastmath=FAST)
+def _normalise(weight: np.ndarray) -> None:
+    """Divide by the sum of the weights, or by 1 if that is smaller (as the torch
+    inner loop does: a mean over the task's examples)."""
+    total = np.float32(0.0)
+    for s in range(weight.shape[0]):
+        total += weight[s]
+    norm = max(total, np.float32(1.0))
+    for s in range(weight.shape[0]):
+        weight[s] /= norm
+
+
+@njit(cache=True, fastmath=FAST)
+def adapt_tasks(phi: np.ndarray, tasks: WeightedTasks,
+                rule: GradientSteps | PrototypeShift) -> None:
+    """Adapt every user's ``phi`` (n x d+1) in place by ``rule`` on their whole task."""
+    q, base, y, given = tasks.q, tasks.base, tasks.y, tasks.weight
+    weight = np.empty(given.shape[1], dtype=np.float32)
+    for u in range(phi.shape[0]):
+        weight[:] = given[u]
+        _normalise(weight)
+        adapt(rule, phi[u], q[u], base[u], y[u], weight)
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+@njit(cache=True, fastmath=FAST)
+def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray,
+          rule: GradientSteps | PrototypeShift, out: Served) -> None:
     """Run a micro-batch's ops in stream order.
 
-    Per op ``i``: user row ``rows[i]``, ``kind[i]``, its representation ``q[i]``,
-    ``base[i]`` and, for a learner, ``task_of[i]``: its user's row in the batch's
-    task arrays (``task_*``, already represented under this batch's θ). A
-    prediction writes ``p[i]`` and ``k[i]``; a label writes ``learn_phi[i]`` (the
-    weights it met), joins the user's ring (``ring_*``, in the store) and task,
-    and the user is adapted before their next prediction or at the end. So a
-    user's consecutive labels are learned as one step, as a wave of them would be.
+    A prediction writes ``out.p[i]`` and ``out.k[i]``; a label writes
+    ``out.learn_phi[i]`` (the weights it met), joins the user's ring (in the store)
+    and task, and the user is adapted by ``rule`` before their next prediction or
+    at the end, each example weighted ``decay[age]``. So a user's consecutive
+    labels are learned as one step, as a wave of them would be.
     """
-    stale = np.zeros(task_row.shape[0], dtype=np.bool_)
+    rows, kind, label, q, base = ops.rows, ops.kind, ops.label, ops.q, ops.base
+    task_of, item, context = ops.task_of, ops.item, ops.context
+    phi, learned = users.phi, users.learned
+    ring_item, ring_context, ring_label = users.ring_item, users.ring_context, users.ring_label
+    task_rows, task_q, task_base, task_y, task_mask = (tasks.rows, tasks.q, tasks.base, tasks.y,
+                                                       tasks.mask)
+    p, k, learn_phi = out.p, out.k, out.learn_phi
+    stale = np.zeros(task_rows.shape[0], dtype=np.bool_)
+    weight = np.empty(task_q.shape[1], dtype=np.float32)
     ring = ring_item.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
         j = task_of[i]
         if kind[i] == PREDICT:
             if j >= 0 and stale[j]:
-                _adapt(phi[r], learned[r], task_q[j], task_base[j], task_y[j], task_mask[j],
-                       decay, lr, phi0, l2, steps, prototype)
+                _recency_weights(weight, task_mask[j], decay, learned[r])
+                adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
                 stale[j] = False
             p[i] = _sigmoid(_logit(phi[r], q[i], base[i]))
             k[i] = learned[r]
@@ -131,22 +341,14 @@ def serve(rows: np.ndarray, kind: np.ndarray, label: np.ndarray, q: np.ndarray,
         ring_label[r, s] = np.int8(label[i])
         learned[r] += 1
         stale[j] = True
-    for j in range(task_row.shape[0]):
+    for j in range(task_rows.shape[0]):
         if stale[j]:
-            r = task_row[j]
-            _adapt(phi[r], learned[r], task_q[j], task_base[j], task_y[j], task_mask[j],
-                   decay, lr, phi0, l2, steps, prototype)
+            r = task_rows[j]
+            _recency_weights(weight, task_mask[j], decay, learned[r])
+            adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
 
 
-@njit(cache=True, fastmath=FAST)
-def adapt_tasks(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
-                mask: np.ndarray, lr: np.ndarray, phi0: np.ndarray, l2: float, steps: int,
-                prototype: bool) -> None:
-    """Adapt every user's ``phi`` (n x d+1) in place on their whole task (n x R),
-    every example weighted alike: :func:`metarec.model.adapt_represented`."""
-    flat = np.ones(q.shape[1], dtype=np.float32)
-    for u in range(phi.shape[0]):
-        _adapt(phi[u], 0, q[u], base[u], y[u], mask[u], flat, lr, phi0, l2, steps, prototype)
+# -- representation ----------------------------------------------------------------------
 
 
 @njit(cache=True, fastmath=FAST)
@@ -172,13 +374,14 @@ def _add_mean(out: np.ndarray, i: int, feats: np.ndarray, feat_emb: np.ndarray,
 
 
 @njit(cache=True, fastmath=FAST)
-def represent(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
-              item_emb: np.ndarray, item_bias: np.ndarray, feat_emb: np.ndarray,
-              feat_bias: np.ndarray, global_bias: float,
-              q: np.ndarray, base: np.ndarray, side: np.ndarray) -> None:
-    """:func:`metarec.model.represent` for ``n`` examples (feature slot 0 = empty):
-    writes ``q`` and ``side`` (n x d, the item's and the user's side) and ``base``."""
+def represent(ids: ExampleIds, theta: ThetaArrays, out: Represented) -> None:
+    """:func:`metarec.model.represent` for ``n`` examples: writes ``out``."""
+    item, item_feats, user_feats = ids.item, ids.item_feats, ids.user_feats
+    item_emb, item_bias = theta.item_emb, theta.item_bias
+    feat_emb, feat_bias = theta.feat_emb, theta.feat_bias
+    q, base, side = out.q, out.base, out.side
     d = q.shape[1]
+    global_bias = np.float64(theta.global_bias[0])  # the biases add up in float64
     for i in range(item.shape[0]):
         it = item[i]
         for c in range(d):
@@ -191,6 +394,9 @@ def represent(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
         for c in range(d):
             dot += side[i, c] * q[i, c]
         base[i] = b + dot
+
+
+# -- θ's online step ---------------------------------------------------------------------
 
 
 @njit(cache=True, fastmath=FAST)
@@ -225,13 +431,12 @@ def _add_bag(grad: np.ndarray, feats: np.ndarray, values: np.ndarray, bias: floa
 
 @njit(cache=True, fastmath=FAST)
 def _adagrad_rows(table: np.ndarray, bias: np.ndarray, acc: np.ndarray, acc_bias: np.ndarray,
-                  grad: np.ndarray, touched: np.ndarray, rows: np.ndarray, n_rows: int,
-                  lr: float, eps: float) -> None:
-    """Adagrad on the touched rows of a table and its bias (``grad``'s last column);
-    the gradient buffers are left zero for the next batch."""
+                  grad: np.ndarray, touched: np.ndarray, rows: np.ndarray, lr: float,
+                  eps: float) -> None:
+    """Adagrad on ``rows`` of a table and its bias (``grad``'s last column); the
+    gradient rows and touched-flags are left zero and False for the next batch."""
     d = table.shape[1]
-    for k in range(n_rows):
-        r = rows[k]
+    for r in rows:
         for c in range(d):
             g = grad[r, c]
             acc[r, c] += g * g
@@ -245,23 +450,15 @@ def _adagrad_rows(table: np.ndarray, bias: np.ndarray, acc: np.ndarray, acc_bias
 
 
 @njit(cache=True, fastmath=FAST)
-def online_step(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray,
-                q: np.ndarray, side: np.ndarray, err: np.ndarray, phi: np.ndarray,
-                item_emb: np.ndarray, item_bias: np.ndarray, feat_emb: np.ndarray,
-                feat_bias: np.ndarray, global_bias: np.ndarray,
-                acc_item_emb: np.ndarray, acc_item_bias: np.ndarray,
-                acc_feat_emb: np.ndarray, acc_feat_bias: np.ndarray, acc_global: np.ndarray,
-                item_grad: np.ndarray, feat_grad: np.ndarray,
-                item_touched: np.ndarray, feat_touched: np.ndarray,
-                lr: float, eps: float) -> None:
-    """θ's Adagrad step on the summed logistic loss of ``n`` labelled examples,
-    ``err = sigmoid(logit) - label`` (the loss's derivative in the logit), each
-    scored with the fast weights ``phi`` it met; the gradient of
-    :func:`metarec.model.represent` and :func:`~metarec.model.logit`, written out.
-
-    ``item_grad``/``feat_grad`` (rows x d+1, zero) and ``*_touched`` (False) are
-    scratch the size of the tables, so only the rows a batch touches cost anything.
-    """
+def online_step(batch: LabelledBatch, theta: ThetaArrays, acc: AdagradArrays,
+                scratch: Scratch, lr: float, eps: float) -> None:
+    """θ's Adagrad step on the summed logistic loss of the batch's labelled examples,
+    each scored with the fast weights it met; the gradient of
+    :func:`metarec.model.represent` and :func:`~metarec.model.logit`, written out."""
+    item, item_feats, user_feats = batch.ids.item, batch.ids.item_feats, batch.ids.user_feats
+    q, side, err, phi = batch.q, batch.side, batch.err, batch.phi
+    item_grad, feat_grad = scratch.item_grad, scratch.feat_grad
+    item_touched, feat_touched = scratch.item_touched, scratch.feat_touched
     n, d = q.shape
     item_rows = np.empty(n, dtype=np.int64)
     feat_rows = np.empty(n * (item_feats.shape[1] + user_feats.shape[1]), dtype=np.int64)
@@ -278,12 +475,12 @@ def online_step(item: np.ndarray, item_feats: np.ndarray, user_feats: np.ndarray
             vec[c] = e * q[i, c]
         n_feat = _add_bag(feat_grad, user_feats[i], vec, e, feat_touched, feat_rows, n_feat)
     g = err.sum()
-    acc_global[0] += g * g
-    global_bias[0] -= lr * g / (math.sqrt(acc_global[0]) + eps)
-    _adagrad_rows(item_emb, item_bias, acc_item_emb, acc_item_bias, item_grad, item_touched,
-                  item_rows, n_item, lr, eps)
-    _adagrad_rows(feat_emb, feat_bias, acc_feat_emb, acc_feat_bias, feat_grad, feat_touched,
-                  feat_rows, n_feat, lr, eps)
+    acc.global_bias[0] += g * g
+    theta.global_bias[0] -= lr * g / (math.sqrt(acc.global_bias[0]) + eps)
+    _adagrad_rows(theta.item_emb, theta.item_bias, acc.item_emb, acc.item_bias, item_grad,
+                  item_touched, item_rows[:n_item], lr, eps)
+    _adagrad_rows(theta.feat_emb, theta.feat_bias, acc.feat_emb, acc.feat_bias, feat_grad,
+                  feat_touched, feat_rows[:n_feat], lr, eps)
 
 
 def logits(phi: np.ndarray, q: np.ndarray, base: np.ndarray) -> np.ndarray:

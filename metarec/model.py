@@ -11,6 +11,8 @@ the log inner learning rates (learned only by Meta-SGD). φ_u is d+1 floats,
 one row of an array. The logit is linear in φ_u, so the inner-loop gradient has
 a closed form (:func:`inner_step`) that is still an ordinary differentiable
 torch expression of θ: second-order MAML differentiates straight through it.
+How φ_u follows a user's task is :mod:`metarec.adaptation`; how θ learns from
+many users' is :mod:`metarec.meta`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ class ModelConfig(BaseModel):
     inner_lr: float = Field(0.5, gt=0, description="initial inner (per-user) learning rate")
     inner_steps: int = Field(1, ge=0, description="SGD steps on a user's task per label "
                              "(0: no per-user weights, every user scores with φ_0)")
-    adaptation: Adaptation = Field(Adaptation.GRADIENT, description="how φ_u follows the task")
+    adaptation: Adaptation = Field(Adaptation.GRADIENT, description="how φ_u follows the "
+                                   "user's task: inner SGD steps (gradient), or a gradient-free "
+                                   "shift towards the clicked items (prototype)")
     inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
     recency: float = Field(0.85, gt=0, le=1, description="weight of a task example per label "
                            "given after it (1: all equal); users' taste drifts within sessions")
@@ -119,7 +123,7 @@ def inner_step(
     q: torch.Tensor,
     base: torch.Tensor,
     y: torch.Tensor,
-    mask: torch.Tensor,
+    weight: torch.Tensor,
     lr: torch.Tensor,
     phi0: torch.Tensor,
     l2: float,
@@ -128,13 +132,14 @@ def inner_step(
 ) -> torch.Tensor:
     """One SGD step on every user's task at once.
 
-    ``phi`` n x (d+1); ``q`` n x R x d; ``base``, ``y``, ``mask`` n x R. The loss
-    of user u is the mean logistic loss over its masked examples plus
-    ``l2/2 * |φ_u - φ_0|²``; its gradient is written out (the logit is linear in
-    φ), which is exact and differentiable, and much cheaper than autograd.
+    ``phi`` n x (d+1); ``q`` n x R x d; ``base``, ``y``, ``weight`` n x R. The loss
+    of user u is the weighted mean logistic loss over its examples (divided by the
+    weights' sum, or by 1 if that is smaller) plus ``l2/2 * |φ_u - φ_0|²``; a 0/1
+    mask as ``weight`` is the plain mean. Its gradient is written out (the logit is
+    linear in φ), which is exact and differentiable, and much cheaper than autograd.
     """
     z = logit(phi.unsqueeze(-2), q, base)
-    err = (torch.sigmoid(z) - y) * mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    err = (torch.sigmoid(z) - y) * weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
     grad = torch.cat([(err.unsqueeze(-1) * q).sum(-2), err.sum(-1, keepdim=True)], dim=-1)
     grad = grad + l2 * (phi - phi0)
     if first_order:
@@ -142,49 +147,12 @@ def inner_step(
     return phi - lr * grad
 
 
-def adapt(
-    theta: Theta,
-    phi: torch.Tensor,
-    task: Examples,
-    y: torch.Tensor,
-    mask: torch.Tensor,
-    config: ModelConfig,
-    *,
-    first_order: bool = False,
-) -> torch.Tensor:
-    """``config.inner_steps`` steps from ``phi`` on each user's task (n x R examples)."""
-    q, base = represent(theta, task)
-    return adapt_represented(theta, phi, q, base, y, mask, config, first_order=first_order)
-
-
-def adapt_represented(
-    theta: Theta,
-    phi: torch.Tensor,
-    q: torch.Tensor,
-    base: torch.Tensor,
-    y: torch.Tensor,
-    mask: torch.Tensor,
-    config: ModelConfig,
-    *,
-    first_order: bool = False,
-) -> torch.Tensor:
-    """:func:`adapt` on tasks already passed through :func:`represent`."""
-    lr = theta["log_inner_lr"].exp()
-    if config.adaptation is Adaptation.PROTOTYPE and config.inner_steps:
-        return prototype(theta["phi0"], q, y, mask, lr)
-    for _ in range(config.inner_steps):
-        phi = inner_step(
-            phi, q, base, y, mask, lr, theta["phi0"], config.inner_l2, first_order=first_order
-        )
-    return phi
-
-
-def prototype(phi0: torch.Tensor, q: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+def prototype(phi0: torch.Tensor, q: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
               scale: torch.Tensor) -> torch.Tensor:
     """Gradient-free adaptation: move φ_0 towards the (weighted) mean representation of
     the items a user clicked and away from those they skipped; the bias by the
     mean of ±1. Start-independent, so it is the same from any ``phi``."""
-    sign = (2 * y - 1) * mask / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    sign = (2 * y - 1) * weight / weight.sum(-1, keepdim=True).clamp(min=1.0)
     shift = torch.cat([(sign.unsqueeze(-1) * q).sum(-2), sign.sum(-1, keepdim=True)], dim=-1)
     return phi0 + scale * shift
 

@@ -34,7 +34,21 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from pydantic import BaseModel, Field
+
 T = TypeVar("T")
+
+
+class OrderConfig(BaseModel):
+    """How partitions are merged by event time."""
+
+    max_ahead_seconds: float = Field(
+        3600.0, gt=0, description="an event this far ahead of all its partition has given is "
+        "held aside: taken if the next record is near it (a real jump), dead-lettered "
+        "(ahead_of_stream) if the next two are far behind it")
+    idle_partition_seconds: float = Field(
+        10.0, gt=0, description="a partition silent this long (wall time) no longer holds "
+        "back the event-time merge of the others")
 
 #: event times a partition's progress is the lower median of
 RECENT = 5
@@ -89,6 +103,10 @@ class EventTimeOrder(Generic[T]):
         self.max_ahead = max_ahead
         self.idle_after = idle_after
         self._parts: dict[int, _Partition[T]] = {}
+
+    @classmethod
+    def of(cls, config: OrderConfig) -> EventTimeOrder[T]:
+        return cls(max_ahead=config.max_ahead_seconds, idle_after=config.idle_partition_seconds)
 
     def track(self, partitions: Iterable[int], now: float) -> None:
         """Partitions assigned to this reader hold the release back from the start,

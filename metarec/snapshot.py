@@ -7,12 +7,13 @@ import io
 import numpy as np
 import torch
 
+from metarec.errors import MetarecError
 from metarec.model import Theta
 
 SCHEMA = "metarec.theta/1"
 
 
-class SnapshotError(ValueError):
+class SnapshotError(MetarecError, ValueError):
     """Bytes that are not a model snapshot, or one of another shape."""
 
 

@@ -10,10 +10,31 @@ in :class:`ItemFeatures`, which keeps a user at about 1 KB with 50-example tasks
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from metarec.kernels import ExampleIds, UserArrays
 from metarec.model import Examples
+
+
+class UserTasks(NamedTuple):
+    """Users' buffered examples as numpy, n x width leading (int64 ids, float32 labels)."""
+
+    item: np.ndarray  # n x W, item bucket
+    item_feats: np.ndarray  # n x W x item_slots
+    user_feats: np.ndarray  # n x W x (user_slots + context_slots): the user's, then context
+    y: np.ndarray  # n x W, label
+    mask: np.ndarray  # n x W, 1 for an example, 0 for an empty slot
+
+    def ids(self) -> ExampleIds:
+        return ExampleIds(self.item, self.item_feats, self.user_feats)
+
+    def examples(self) -> Examples:
+        """The ids as torch tensors (sharing the memory)."""
+        return Examples(torch.from_numpy(self.item), torch.from_numpy(self.item_feats),
+                        torch.from_numpy(self.user_feats))
 
 
 class ItemFeatures:
@@ -28,6 +49,8 @@ class ItemFeatures:
 
 
 class UserStore:
+    """Every user's row, by id; the rows double in place when full."""
+
     def __init__(self, phi_dim: int, ring: int, user_slots: int, context_slots: int,
                  items: ItemFeatures):
         self.ring = ring
@@ -52,6 +75,11 @@ class UserStore:
         arrays = (self.phi, self.learned, self.features, self.ring_item, self.ring_context,
                   self.ring_label)
         return sum(a.nbytes // a.shape[0] for a in arrays)
+
+    def arrays(self) -> UserArrays:
+        """The rows the serving loop reads and writes (valid until the store grows)."""
+        return UserArrays(self.phi, self.learned, self.ring_item, self.ring_context,
+                          self.ring_label)
 
     def _grow(self, need: int) -> None:
         cap = self.phi.shape[0]
@@ -84,23 +112,15 @@ class UserStore:
         has = features.any(axis=1)
         self.features[rows[has]] = features[has]
 
-    def ring_view(self, rows: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
-        """Each user's first ``width`` ring slots (not time-ordered: enough for a loss
-        that is a weighted mean over them), as numpy: item, item features, user
-        features (user's + context), label, mask; n x width leading."""
+    def ring_view(self, rows: np.ndarray, width: int) -> UserTasks:
+        """Each user's first ``width`` ring slots, not in time order (the serving loop
+        dates them by ring slot)."""
         j = np.arange(width)
         mask = j[None, :] < np.minimum(self.learned[rows], self.ring)[:, None]
         return self._gather(rows, np.broadcast_to(j, (len(rows), width)), mask)
 
-    def task(self, rows: np.ndarray) -> tuple[Examples, torch.Tensor, torch.Tensor]:
-        """Each user's buffered examples, oldest first: (examples n x R, labels, mask)."""
-        item, item_feats, user_feats, label, mask = self.task_arrays(rows)
-        examples = Examples(torch.from_numpy(item), torch.from_numpy(item_feats),
-                            torch.from_numpy(user_feats))
-        return examples, torch.from_numpy(label), torch.from_numpy(mask)
-
-    def task_arrays(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        """:meth:`task` as the numpy arrays of :meth:`ring_view`."""
+    def tasks(self, rows: np.ndarray) -> UserTasks:
+        """Each user's buffered examples, oldest first (width: the ring)."""
         n_seen = self.learned[rows]
         length = np.minimum(n_seen, self.ring)
         # position j of the time-ordered task is ring slot (n_seen - length + j) % ring
@@ -108,8 +128,7 @@ class UserStore:
         slot = (n_seen[:, None] - length[:, None] + j) % self.ring
         return self._gather(rows, slot, j[None, :] < length[:, None])
 
-    def _gather(self, rows: np.ndarray, slot: np.ndarray,
-                mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _gather(self, rows: np.ndarray, slot: np.ndarray, mask: np.ndarray) -> UserTasks:
         r = rows[:, None]
         user_feats = np.concatenate(
             [np.broadcast_to(self.features[rows][:, None, :],
@@ -117,6 +136,6 @@ class UserStore:
              self.ring_context[r, slot]], axis=-1,
         )
         item = self.ring_item[r, slot]
-        return (item.astype(np.int64), self.items.table[item].astype(np.int64),
-                user_feats.astype(np.int64), self.ring_label[r, slot].astype(np.float32),
-                mask.astype(np.float32))
+        return UserTasks(item.astype(np.int64), self.items.table[item].astype(np.int64),
+                         user_feats.astype(np.int64),
+                         self.ring_label[r, slot].astype(np.float32), mask.astype(np.float32))

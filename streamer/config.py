@@ -1,139 +1,94 @@
-"""All settings, each a command-line flag and an environment variable.
+"""All settings, defined once, as nested models; each is a flag and an environment
+variable.
 
-``--inner-steps 3`` and ``METAREC_INNER_STEPS=3`` set the same field; a flag wins
-over the environment, which wins over the default.
+The learning, joining, ordering and drift settings are the core's own models
+(:class:`metarec.session.SessionConfig` and what it nests); this module adds the
+Kafka, replay, publishing and operations sections. Every leaf has one flat name,
+made from its field name and its section's prefix (``meta_`` for the
+meta-learner, ``drift_`` for drift, ``replay_`` for replay), so ``--inner-steps 3``
+and ``METAREC_INNER_STEPS=3`` set ``session.learner.model.inner_steps``. A flag
+wins over the environment, which wins over the default; the nested form
+``METAREC_SESSION__LEARNER__MODEL__INNER_STEPS`` works as well.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from metarec.features import FeatureSpec
-from metarec.joiner import ClickRelease
-from metarec.learner import LearnerConfig
-from metarec.meta import Algorithm, MetaConfig
-from metarec.model import Adaptation, ModelConfig
+from metarec.drift import DriftConfig
+from metarec.meta import MetaConfig
+from metarec.session import SessionConfig
+
+ENV_PREFIX = "METAREC_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="METAREC_", extra="ignore")
+class KafkaSettings(BaseModel):
+    """Where the records are, and how the group member reads them."""
 
-    # Kafka
     bootstrap_servers: str | None = Field(
         None, description="Kafka bootstrap servers (host:port,...); none: start the embedded "
         "broker (run) or fail (produce, model pull)")
     events_topic: str = Field("metarec.events", description="topic of impression/click events")
     model_topic: str = Field("metarec.model", description="topic of published model versions")
     dlq_topic: str = Field("metarec.events.dlq", description="dead-letter topic for bad records")
+    drift_topic: str = Field("metarec.drift", description="topic of drift alarm records (run)")
     group_id: str = Field("metarec", description="consumer group id")
     partitions: int = Field(4, ge=1, description="partitions of the events topic if created")
     session_timeout_ms: int = Field(
         6000, ge=1000, description="consumer group session timeout; brokers finish a join in "
         "about half of it on first start")
-    max_batch_records: int = Field(200, ge=1, description="records per micro-batch at most")
+    poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
+    fetch_max_wait_ms: int = Field(
+        10, ge=0, description="how long the broker may hold a fetch to fill it (Kafka's "
+        "default of 500 ms throttles a consumer of small fetches)")
     max_batch_wait_ms: int = Field(
         1000, ge=0, description="run: learn a micro-batch short of max_batch_records once its "
         "first event has waited this long (micro-batch size moves θ's steps: whole ones "
         "learn as a replay does)")
-    poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
+    max_buffered_records: int = Field(
+        5000, ge=1, description="run: pause a partition holding this many records for the "
+        "event-time merge, until it holds half as many")
     commit_interval_ms: int = Field(
         1000, ge=0, description="commit offsets after the first micro-batch this long after "
         "the last commit (0: after every one), and at shutdown; a crash or rebalance "
         "re-reads at most this much")
-    max_record_bytes: int = Field(65536, ge=64, description="larger records are dead-lettered")
-    # joining
-    attribution_window_seconds: float = Field(
-        3600.0, gt=0, description="a click counts if it comes this long after its impression")
-    allowed_lateness_seconds: float = Field(
-        60.0, ge=0, description="watermark = highest event time seen minus this")
-    max_future_skew_seconds: float = Field(
-        86400.0, gt=0, description="events this far ahead of the wall clock are dead-lettered")
-    max_pending_impressions: int = Field(
-        1_000_000, ge=1, description="unlabelled impressions held at most (then closed as 0)")
-    click_release: ClickRelease = Field(
-        ClickRelease.WINDOW_END, description="when a joined click is learned: window_end "
-        "(with the no-clicks of its time, unbiased) or on_arrival (at once: faster, but "
-        "positives come first while windows are open)")
-    max_pending_bytes: int = Field(
-        256 << 20, ge=1, description="bytes of unlabelled impressions' records held at most "
-        "(then the earliest window is closed as 0)")
-    max_ahead_seconds: float = Field(
-        3600.0, gt=0, description="an event this far ahead of all its partition has given is "
-        "held aside: taken if the next record is near it (a real jump), dead-lettered "
-        "(ahead_of_stream) if the next two are far behind it")
-    dedup_horizon_seconds: float = Field(
-        86400.0, ge=0, description="an impression id seen again within this much event time "
-        "is a duplicate: dropped and counted")
-    idle_partition_seconds: float = Field(
-        10.0, gt=0, description="a partition silent this long (wall time) no longer holds "
-        "back the event-time merge of the others")
-    max_buffered_records: int = Field(
-        5000, ge=1, description="run: pause a partition holding this many records for the "
-        "event-time merge, until it holds half as many")
-    # memory
-    item_cache_bytes: int = Field(
-        64 << 20, ge=0, description="bytes of items' feature maps and hashed slots the "
-        "encoder caches at most, by estimate (0: no cache)")
-    user_cache_bytes: int = Field(
-        64 << 20, ge=0, description="bytes of users' feature maps and hashed slots the "
-        "encoder caches at most, by estimate (0: no cache)")
-    context_cache_bytes: int = Field(
-        16 << 20, ge=0, description="bytes of contexts and their hashed slots the encoder "
-        "caches at most, by estimate (0: no cache)")
-    token_cache_bytes: int = Field(
-        16 << 20, ge=0, description="bytes of feature tokens and their hash buckets cached "
-        "at most, by estimate (0: no cache); tokens over 256 characters are not cached")
-    # learning
-    algorithm: Algorithm = Field(Algorithm.REPTILE, description="meta-learning algorithm")
-    dim: int = Field(32, ge=1, description="embedding and user-vector width")
-    inner_steps: int = Field(1, ge=0, description="SGD steps on a user's task per label "
-                             "(0: no per-user weights)")
-    adaptation: Adaptation = Field(Adaptation.GRADIENT, description="per-user adaptation: "
-                                   "inner SGD (gradient) or gradient-free (prototype)")
-    recency: float = Field(0.85, gt=0, le=1, description="weight of a user's example per "
-                           "label given after it, in the inner loss (1: all equal)")
-    inner_lr: float = Field(0.5, gt=0, description="inner learning rate (initial, Meta-SGD)")
-    inner_l2: float = Field(0.01, ge=0, description="pull of user weights towards the init")
-    task_size: int = Field(50, ge=2, description="recent labelled examples kept per user")
-    online_lr: float = Field(0.05, gt=0, description="learning rate of θ's online step")
-    meta_every: int = Field(2000, ge=1, description="meta-update every N labelled examples")
-    meta_every_seconds: float | None = Field(
-        None, gt=0, description="also meta-update after this many seconds of wall time "
-        "with new labels (off by default: replays stay deterministic)")
-    meta_users: int = Field(256, ge=1, description="users sampled per meta-update")
-    meta_lr: float = Field(0.05, gt=0, description="learning rate of the meta-update")
-    item_buckets: int = Field(1 << 16, ge=2, description="hash buckets for item ids")
-    feature_buckets: int = Field(1 << 15, ge=2, description="hash buckets for feature tokens")
-    seed: int = Field(0, description="random seed")
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the tensors are "
-                               "small; more threads mostly contend with the Kafka client)")
-    # drift monitoring
-    drift_segment_field: str = Field("platform", description="context field whose values are "
-                                     "monitored as segments for drift")
-    drift_warmup: int = Field(2000, ge=0, description="examples per segment before drift "
-                              "alarms count")
-    drift_topic: str = Field("metarec.drift", description="topic of drift alarm records (run)")
-    # replay
-    replay_from: float | None = Field(None, description="replay: first event time (seconds "
-                                      "since the epoch); on a topic also where reading starts "
-                                      "(by record timestamp)")
-    replay_to: float | None = Field(None, description="replay: event time to stop before")
-    replay_from_offset: int | None = Field(None, ge=0, description="replay of a topic: first "
-                                           "offset, in every partition")
-    replay_to_offset: int | None = Field(None, ge=0, description="replay of a topic: offset to "
-                                         "stop before, in every partition")
-    replay_speed: float | None = Field(None, gt=0, description="replay at N x event time "
-                                       "(default: as fast as possible)")
+
+
+class ReplaySettings(BaseModel):
+    """What part of a historical log to replay, how fast, and where its outputs go."""
+
+    from_time: float | None = Field(
+        None, description="first event time (seconds since the epoch); on a topic also where "
+        "reading starts (by record timestamp)")
+    to_time: float | None = Field(None, description="event time to stop before")
+    from_offset: int | None = Field(None, ge=0, description="replay of a topic: first offset, "
+                                    "in every partition")
+    to_offset: int | None = Field(None, ge=0, description="replay of a topic: offset to stop "
+                                  "before, in every partition")
+    speed: float | None = Field(None, gt=0, description="replay at N x event time (default: "
+                                "as fast as possible)")
     model_version: int | None = Field(None, ge=1, description="replay: start from this "
                                       "version on the model topic (default: fresh)")
     models_out: str | None = Field(None, description="replay: write model versions to a "
                                    "directory, or to kafka:TOPIC")
     drift_out: Path | None = Field(None, description="replay: write drift alarms (JSONL)")
-    # publishing, outputs, operations
+
+
+class PublishSettings(BaseModel):
+    """When model versions are published."""
+
     publish_every: int = Field(5, ge=1, description="publish a model version every N "
                                "meta-updates (and at shutdown)")
     publish_min_seconds: float = Field(
@@ -142,6 +97,11 @@ class Settings(BaseSettings):
     model_chunk_bytes: int = Field(900_000, ge=1024, le=900_000,
                                    description="model-topic chunk size (Kafka's default "
                                    "message limit is 1 MB)")
+
+
+class OperationSettings(BaseModel):
+    """Outputs, endpoints and the process itself."""
+
     predictions_out: Path | None = Field(None, description="write the prediction log (JSONL)")
     metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
@@ -152,23 +112,123 @@ class Settings(BaseSettings):
         "movielens-100k", description="with the embedded broker, stream this source into the "
         "events topic (empty: none)")
     log_every_seconds: float = Field(5.0, gt=0, description="progress log interval")
-
-    def learner_config(self) -> LearnerConfig:
-        return LearnerConfig(
-            model=ModelConfig(
-                dim=self.dim, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
-                inner_l2=self.inner_l2, adaptation=self.adaptation, recency=self.recency,
-                features=FeatureSpec(item_buckets=self.item_buckets,
-                                     feature_buckets=self.feature_buckets),
-            ),
-            meta=MetaConfig(algorithm=self.algorithm, users_per_update=self.meta_users,
-                            lr=self.meta_lr, every_examples=self.meta_every,
-                            every_seconds=self.meta_every_seconds),
-            task_size=self.task_size,
-            online_lr=self.online_lr,
-            seed=self.seed,
-        )
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the tensors are "
+                               "small; more threads mostly contend with the Kafka client)")
 
 
-def config_hash(config: LearnerConfig) -> str:
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+#: the prefix of each section's flat names
+PREFIXES: dict[type[BaseModel], str] = {MetaConfig: "meta_", DriftConfig: "drift_",
+                                        ReplaySettings: "replay_"}
+#: flat names that are not prefix + field name (the short names operators know)
+FLAT_NAMES = {
+    ("session", "learner", "meta", "algorithm"): "algorithm",
+    ("session", "learner", "meta", "every_examples"): "meta_every",
+    ("session", "learner", "meta", "users_per_update"): "meta_users",
+    ("replay", "from_time"): "replay_from",
+    ("replay", "to_time"): "replay_to",
+    ("replay", "model_version"): "model_version",
+    ("replay", "models_out"): "models_out",
+    ("replay", "drift_out"): "drift_out",
+}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One setting: where it sits in :class:`Settings`, its flat name, its field."""
+
+    path: tuple[str, ...]
+    name: str
+    field: FieldInfo
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _leaves(model: type[BaseModel], path: tuple[str, ...]) -> Iterator[Leaf]:
+    prefix = PREFIXES.get(model, "")
+    for name, info in model.model_fields.items():
+        here = (*path, name)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaves(annotation, here)
+        else:
+            yield Leaf(here, FLAT_NAMES.get(here, prefix + name), info)
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat names and values as the nested mapping :class:`Settings` takes."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        leaf = LEAVES[name]
+        node = out
+        for part in leaf.path[:-1]:
+            node = node.setdefault(part, {})
+        node[leaf.path[-1]] = value
+    return out
+
+
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """``METAREC_<FLAT NAME>`` variables."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the whole mapping comes from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        return nest({name: os.environ[leaf.env] for name, leaf in LEAVES.items()
+                     if leaf.env in os.environ})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="ignore")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    ops: OperationSettings = Field(default_factory=OperationSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _FlatEnvironment(settings_cls), env_settings
+
+    @classmethod
+    def of(cls, **flat: Any) -> Settings:
+        """Settings from flat names (``Settings.of(inner_steps=3)``), over the
+        environment and the defaults."""
+        return cls(**nest(flat))
+
+    def with_flat(self, **flat: Any) -> Settings:
+        """A copy with some settings changed, by flat name (validated)."""
+        data = self.model_dump()
+        _deep_update(data, nest(flat))
+        return type(self).model_validate(data)
+
+
+def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def _index() -> dict[str, Leaf]:
+    out: dict[str, Leaf] = {}
+    for leaf in _leaves(Settings, ()):
+        if leaf.name in out:
+            raise TypeError(f"two settings are named {leaf.name!r}: "
+                            f"{'.'.join(out[leaf.name].path)} and {'.'.join(leaf.path)}")
+        if not leaf.field.description:
+            raise TypeError(f"setting {'.'.join(leaf.path)} has no description")
+        out[leaf.name] = leaf
+    return out
+
+
+#: every setting by flat name
+LEAVES = _index()

@@ -1,30 +1,40 @@
-"""Kafka plumbing: topics, producers, consumers, dead letters."""
+"""Kafka plumbing: topics, clients, reading a topic range, dead letters."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
-from streamer.config import Settings
-from streamer.model_topic import MAX_MESSAGE_BYTES
-from streamer.pipeline import DeadLetter, Record
+from metarec.records import DeadLetter, Record
+from streamer.config import KafkaSettings
+from streamer.errors import MissingTopicError
 
 log = logging.getLogger(__name__)
 
+#: Apache Kafka's default message limit; some brokers (the embedded one) accept
+#: more, so every producer here keeps to it
+MAX_MESSAGE_BYTES = 1_000_000
+#: a topic whose end offsets were reached is read on until it has been quiet this
+#: long: some brokers report the newest batch late
+SETTLE_MS = 1500
+FETCH_MAX_WAIT_MS = KafkaSettings.model_fields["fetch_max_wait_ms"].default
 
-def ensure_topics(bootstrap: str, settings: Settings) -> None:
+
+def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> None:
     """Create the topics explicitly (some brokers auto-create with other layouts).
     The model topic has one partition: its order is the version order."""
     wanted = {
-        settings.events_topic: settings.partitions,
-        settings.dlq_topic: settings.partitions,
-        settings.model_topic: 1,
-        settings.drift_topic: 1,
+        kafka.events_topic: kafka.partitions,
+        kafka.dlq_topic: kafka.partitions,
+        kafka.model_topic: 1,
+        kafka.drift_topic: 1,
     }
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
@@ -46,18 +56,103 @@ def producer(bootstrap: str) -> KafkaProducer:
                          batch_size=256 * 1024, max_request_size=2 * MAX_MESSAGE_BYTES)
 
 
-def consumer(bootstrap: str, settings: Settings) -> KafkaConsumer:
+def group_consumer(bootstrap: str, kafka: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
+    """A member of ``kafka.group_id`` that commits by hand."""
     return KafkaConsumer(
         bootstrap_servers=bootstrap,
-        group_id=settings.group_id,
+        group_id=kafka.group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=max(100, settings.session_timeout_ms // 6),
-        # The default 500 ms fetch wait throttles a consumer on small fetches.
-        fetch_max_wait_ms=10,
-        max_poll_records=settings.max_batch_records,
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=max(100, kafka.session_timeout_ms // 6),
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        max_poll_records=max_poll_records,
     )
+
+
+def record_of(message: Any) -> Record:
+    """A consumed message as a :class:`Record` (a null value reads as empty bytes)."""
+    return Record(message.value if message.value is not None else b"", message.key,
+                  message.topic, message.partition, message.offset, message.timestamp,
+                  message.headers)
+
+
+class TopicPoll(NamedTuple):
+    """One poll of a topic range: each partition's records in its order, the
+    partitions read to their end, and all of them."""
+
+    records: list[Record]
+    at_end: frozenset[int]
+    partitions: frozenset[int]
+
+
+class TopicRange(NamedTuple):
+    """Which part of a topic to read: from an offset (in every partition) or a
+    broker timestamp, to before an offset (None: the beginning, the end).
+    ``from_ms`` seeks by record timestamp: a record is written no earlier than its
+    event happened, so nothing in range is skipped. There is no ``to_ms``: an event
+    inside the range may be written after its end, so the end is found by reading
+    (the session filters by event time) or given as an offset."""
+
+    from_ms: int | None = None
+    from_offset: int | None = None
+    to_offset: int | None = None
+
+
+def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
+               max_records: int = 2000, missing_ok: bool = False) -> Iterator[TopicPoll]:
+    """A topic range (to its end: read on until quiet for :data:`SETTLE_MS`). No
+    consumer group: nothing is committed, and no live group's offsets move. A topic
+    that does not exist raises :class:`MissingTopicError`, or with ``missing_ok``
+    yields nothing."""
+    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                         max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
+    try:
+        parts = cons.partitions_for_topic(topic)
+        if not parts:
+            if missing_ok:
+                return
+            raise MissingTopicError(f"topic {topic!r} does not exist")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        rng = rng or TopicRange()
+        cons.assign(tps)
+        end = cons.end_offsets(tps)
+        first = dict.fromkeys(tps, rng.from_offset or 0)
+        if rng.from_offset is None and rng.from_ms is not None:
+            found = cons.offsets_for_times(dict.fromkeys(tps, rng.from_ms))
+            first = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
+        limit = dict.fromkeys(tps, rng.to_offset)
+        for tp in tps:
+            cons.seek(tp, first[tp])
+        quiet_since = time.monotonic()
+        done: set[TopicPartition] = set()
+        while len(done) < len(tps):
+            polled = cons.poll(timeout_ms=100, max_records=max_records)
+            records: list[Record] = []
+            for tp, msgs in polled.items():
+                last = limit[tp]
+                kept = [m for m in msgs if last is None or m.offset < last]
+                if last is not None and len(kept) < len(msgs):
+                    done.add(tp)
+                records += [record_of(m) for m in kept]
+            now = time.monotonic()
+            if records:
+                quiet_since = now
+            at_end = set()
+            for tp in tps:
+                last = limit[tp]
+                position = cons.position(tp)
+                if last is not None and position >= last:
+                    done.add(tp)
+                if position >= end[tp]:
+                    at_end.add(tp)
+                    if (now - quiet_since) * 1000 >= SETTLE_MS:
+                        done.add(tp)
+            yield TopicPoll(records, frozenset(tp.partition for tp in done | at_end),
+                            frozenset(tp.partition for tp in tps))
+    finally:
+        cons.close()
 
 
 #: room left in a dead letter for the record's framing (batch header, varints, the

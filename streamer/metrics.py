@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +13,8 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from metarec.events import REJECT_REASONS
-from streamer.pipeline import BatchResult, Pipeline, Record
+from metarec.records import Record
+from metarec.session import SessionOutput, SessionStatus
 
 #: buckets of the event-to-update histogram (seconds)
 FRESHNESS_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0,
@@ -23,8 +23,8 @@ FRESHNESS_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
 
 class BatchHistogram:
     """A histogram observed a batch at a time: one numpy call per micro-batch, not a
-    locked Python call per record (that was a tenth of the consumer's time). Exposed
-    exactly like prometheus-client's ``Histogram``."""
+    locked Python call per record, which costs the consumer dearly at high rates.
+    Exposed exactly like prometheus-client's ``Histogram``."""
 
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
                  registry: CollectorRegistry):
@@ -110,7 +110,6 @@ class Metrics:
         for reason in REJECT_REASONS:  # export zeros so rate() works from the start
             self.dead.labels(reason)
         self._join_seen: dict[str, int] = {}
-        self._windowed_at = -math.inf
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -120,7 +119,10 @@ class Metrics:
         stamp = stamp[stamp >= 0]
         self.freshness.observe_many(np.maximum(now - stamp / 1000, 0.0))
 
-    def observe(self, result: BatchResult, pipeline: Pipeline) -> None:
+    def observe(self, result: SessionOutput, status: SessionStatus,
+                quality: tuple[float, float] | None = None) -> None:
+        """A session call's output, the session's status after it, and (when given)
+        its windowed logloss and AUC."""
         self.records.inc(result.records)
         for kind, n in result.events.items():
             self.events.labels(kind).inc(n)
@@ -134,25 +136,23 @@ class Metrics:
         for meta in result.meta:
             self.meta_updates.inc()
             self.meta_seconds.observe(meta.seconds)
-        now = time.monotonic()
-        if now - self._windowed_at >= 1.0:  # an AUC over 10,000 scores: not every batch
-            self._windowed_at = now
-            loss, auc = pipeline.evaluation.windowed()
+        if quality is not None:
+            loss, auc = quality
             if not math.isnan(loss):
                 self.logloss.set(loss)
             if not math.isnan(auc):
                 self.auc.set(auc)
-        self.users.set(len(pipeline.learner.users))
-        self.pending.set(pipeline.joiner.pending)
-        self.pending_bytes.set(pipeline.joiner.pending_bytes)
-        self.buffered.set(pipeline.buffered_total())
-        if math.isfinite(pipeline.joiner.watermark):
-            self.watermark.set(pipeline.joiner.watermark)
+        self.users.set(status.users)
+        self.pending.set(status.pending_impressions)
+        self.pending_bytes.set(status.pending_bytes)
+        self.buffered.set(status.buffered_records)
+        if math.isfinite(status.watermark):
+            self.watermark.set(status.watermark)
         for event in result.drift:
             self.drift_alarms.labels(event.signal, event.segment).inc()
-        for (signal, segment), value in pipeline.drift.latest_psi.items():
+        for (signal, segment), value in status.psi.items():
             self.psi.labels(signal, segment).set(value)
-        for outcome, n in pipeline.joiner.stats.items():
+        for outcome, n in status.join_outcomes.items():
             delta = n - self._join_seen.get(outcome, 0)
             if delta:
                 self.join.labels(outcome).inc(delta)

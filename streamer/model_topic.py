@@ -26,13 +26,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec.snapshot import SCHEMA
+from streamer.kafka_io import MAX_MESSAGE_BYTES, read_range
 
 CHUNK_BYTES = 900_000
-MAX_MESSAGE_BYTES = 1_000_000
 log = logging.getLogger(__name__)
 
 
@@ -228,35 +228,13 @@ class VersionAssembler:
             del self.chunks[old]  # leftovers of abandoned versions
 
 
-def read_versions(bootstrap_servers: str, topic: str, *, settle_ms: int = 1500,
+def read_versions(bootstrap_servers: str, topic: str, *,
                   want: int | None = None) -> VersionAssembler:
     """Read the whole model topic (no consumer group, nothing committed)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             group_id=None, fetch_max_wait_ms=10,
-                             max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
     assembler = VersionAssembler(want)
-    try:
-        tp = TopicPartition(topic, 0)
-        if consumer.partitions_for_topic(topic) is None:
-            return assembler
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        end = consumer.end_offsets([tp])[tp]
-        # End offsets can under-report the newest batch on some brokers: read past
-        # them until the topic has been quiet for settle_ms.
-        quiet_since = time.monotonic()
-        while True:
-            batch = consumer.poll(timeout_ms=100, max_records=500)
-            msgs = batch.get(tp, [])
-            for m in msgs:
-                assembler.add(m.key, m.value, m.headers)
-            if msgs:
-                quiet_since = time.monotonic()
-            elif consumer.position(tp) >= end and (
-                    time.monotonic() - quiet_since) * 1000 >= settle_ms:
-                break
-    finally:
-        consumer.close()
+    for poll in read_range(bootstrap_servers, topic, max_records=500, missing_ok=True):
+        for rec in poll.records:
+            assembler.add(rec.key, rec.value, rec.headers)
     for version, why in assembler.rejected.items():
         log.warning("model version %d ignored: %s", version, why)
     if assembler.skipped:

@@ -16,8 +16,7 @@ import torch
 from kafka import KafkaProducer
 
 from metarec import snapshot
-from metarec.learner import OnlineLearner
-from streamer.config import config_hash
+from metarec.session import ModelSnapshot
 from streamer.model_topic import CHUNK_BYTES, Manifest, messages, publish
 
 log = logging.getLogger("metarec.publish")
@@ -60,19 +59,25 @@ class Publisher:
     """Publishes every ``every`` meta-updates (at most one version per
     ``min_seconds``), and at the end whatever was learned since the last version.
 
+    Versions are numbered after ``last_version``, the newest on the topic of any
+    lineage, so a loader (which keeps the highest number) takes the newest model;
+    ``parent`` is the version this model was loaded from (None: a fresh lineage).
+
     With ``background``, θ is copied in the caller's thread and compressed and sent
     in a worker thread (zlib releases the GIL), so a live consumer does not stall
     for ~100 ms per version; ``on_published`` then hears of each version, in order.
     """
 
-    def __init__(self, sink: ModelSink, every: int, version: int | None = None, *,
-                 min_seconds: float = 0.0, background: bool = False,
+    def __init__(self, sink: ModelSink, every: int, *, last_version: int | None = None,
+                 parent: int | None = None, min_seconds: float = 0.0,
+                 background: bool = False,
                  on_published: Callable[[Manifest], None] | None = None):
         self.sink = sink
         self.every = every
         self.min_seconds = min_seconds
         self._last = -math.inf
-        self.version = version
+        self.version = last_version
+        self.parent = parent
         self.published: list[int] = []
         self.on_published = on_published
         self._metas = 0
@@ -80,35 +85,34 @@ class Publisher:
         self._worker = ThreadPoolExecutor(1, "metarec-publish") if background else None
         self._pending: Future[Manifest] | None = None
 
-    def after_meta_update(self, learner: OnlineLearner) -> None:
+    def after_meta_update(self, snapshot: Callable[[], ModelSnapshot]) -> None:
         self._metas += 1
         if self._metas >= self.every and time.monotonic() - self._last >= self.min_seconds:
-            self.publish(learner)
+            self.publish(snapshot())
 
-    def finish(self, learner: OnlineLearner) -> None:
-        if learner.examples_learned > self._learned_at_publish:
-            self.publish(learner)
+    def finish(self, snapshot: ModelSnapshot) -> None:
+        """Publish what was learned since the last version (if anything), and wait."""
+        if snapshot.examples_learned > self._learned_at_publish:
+            self.publish(snapshot)
         self._wait()
         if self._worker is not None:
             self._worker.shutdown()
 
-    def publish(self, learner: OnlineLearner) -> None:
+    def publish(self, snapshot: ModelSnapshot) -> None:
         version = (self.version or 0) + 1
-        theta = {k: v.detach().clone() for k, v in learner.theta.items()}
-        meta = {"version": version, "parent": self.version,
-                "algorithm": learner.config.meta.algorithm.value,
-                "config_hash": config_hash(learner.config),
-                "examples_learned": learner.examples_learned}
-        self.version = version
+        meta = {"version": version, "parent": self.parent, "algorithm": snapshot.algorithm,
+                "config_hash": snapshot.config_hash,
+                "examples_learned": snapshot.examples_learned}
+        self.version = self.parent = version
         self.published.append(version)
         self._metas = 0
-        self._learned_at_publish = learner.examples_learned
+        self._learned_at_publish = snapshot.examples_learned
         self._last = time.monotonic()
         if self._worker is None:
-            self._write(theta, meta)
+            self._write(snapshot.theta, meta)
             return
         self._wait()  # one version in flight at a time; a failure surfaces here
-        self._pending = self._worker.submit(self._write, theta, meta)
+        self._pending = self._worker.submit(self._write, snapshot.theta, meta)
 
     def _write(self, theta: dict[str, torch.Tensor], meta: dict[str, Any]) -> Manifest:
         manifest = self.sink.write(snapshot.dumps(theta), **meta)

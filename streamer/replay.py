@@ -12,30 +12,27 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from metarec import snapshot
 from metarec.evaluation import K_BUCKETS, bucket_label
-from metarec.learner import OnlineLearner
-from streamer import kafka_io
+from metarec.records import Record
+from metarec.session import StreamSession
+from streamer import kafka_io, lineage
 from streamer.config import Settings
-from streamer.model_topic import read_versions
-from streamer.pipeline import Pipeline, Record, drift_json, warm_up, write_predictions
+from streamer.errors import SourceError
+from streamer.kafka_io import TopicPoll, TopicRange
+from streamer.loop import Poll, Source, stream
 from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
-from streamer.sources import (
-    SourceError,
-    TopicRange,
-    batched,
-    read_source,
-    read_topic_batches,
-)
+from streamer.runner import event_times
+from streamer.sinks import DriftFile, ModelVersions, PredictionLog, ProgressLine, Sink
+from streamer.sources import batched, read_source, read_topic_batches
+from streamer.warmup import warm_up
 
 log = logging.getLogger("metarec.replay")
 
@@ -74,66 +71,108 @@ class ReplaySummary:
         return out
 
 
-def _learner(settings: Settings) -> tuple[OnlineLearner, int | None]:
-    learner = OnlineLearner(settings.learner_config())
-    if settings.model_version is None:
-        return learner, None
-    if settings.bootstrap_servers is None:
+def _start(settings: Settings) -> lineage.Start:
+    version = settings.replay.model_version
+    if version is None:
+        return lineage.Start()
+    if settings.kafka.bootstrap_servers is None:
         raise SourceError("--model-version needs --bootstrap-servers (the model topic)")
-    found = read_versions(settings.bootstrap_servers, settings.model_topic,
-                          want=settings.model_version).newest
-    if found is None:
-        raise SourceError(f"model version {settings.model_version} is not on "
-                          f"{settings.model_topic} (complete and intact)")
-    theta = snapshot.loads(found.payload, like=learner.theta)
-    return OnlineLearner(learner.config, theta=theta), found.manifest.version
+    return lineage.exact(settings.kafka.bootstrap_servers, settings.kafka.model_topic, version,
+                         settings.session.learner)
 
 
-def _sink(settings: Settings, stack: ExitStack) -> ModelSink | None:
-    target = settings.models_out
+def _model_sink(settings: Settings, stack: ExitStack) -> ModelSink | None:
+    target, bootstrap = settings.replay.models_out, settings.kafka.bootstrap_servers
     if target is None:
         return None
     if not target.startswith("kafka:"):
         return DirectorySink(Path(target))
-    if settings.bootstrap_servers is None:
+    if bootstrap is None:
         raise SourceError("--models-out kafka:TOPIC needs --bootstrap-servers")
     topic = target.removeprefix("kafka:")
-    kafka_io.ensure_topics(settings.bootstrap_servers,
-                           settings.model_copy(update={"model_topic": topic}))
-    prod = kafka_io.producer(settings.bootstrap_servers)
+    kafka_io.ensure_topics(bootstrap, settings.kafka.model_copy(update={"model_topic": topic}))
+    prod = kafka_io.producer(bootstrap)
     stack.callback(prod.close)
-    return TopicSink(prod, topic, settings.model_chunk_bytes)
+    return TopicSink(prod, topic, settings.publish.model_chunk_bytes)
 
 
-class _Progress:
-    """A progress line on a terminal (rate, ETA), plain log lines elsewhere."""
+class RecordSource:
+    """A file or dataset: one partition, in its order, in micro-batches."""
 
-    def __init__(self, total: int | None, every: float, enabled: bool):
-        self.total, self.every, self.enabled = total, every, enabled
-        self.tty = sys.stderr.isatty()
-        self.t0 = self.last = time.perf_counter()
+    finite = True
 
-    def update(self, done: int, pipeline: Pipeline) -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < (0.2 if self.tty else self.every):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        loss, auc = pipeline.evaluation.windowed()
-        eta = ""
-        if self.total:
-            eta = f" {100 * done / self.total:5.1f}% ETA {max(self.total - done, 0) / rate:4.0f} s"
-        text = f"records {done}{eta} | {rate:,.0f} events/s | window logloss {loss:.4f} " \
-               f"AUC {auc:.4f}"
-        if self.tty:
-            sys.stderr.write("\r" + text + " " * 4)
-            sys.stderr.flush()
-        else:
-            log.info(text)
+    def __init__(self, records: Iterable[Record], batch: int):
+        self.records, self.batch = records, batch
 
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+    def polls(self, session: StreamSession) -> Iterator[Poll]:
+        return (Poll(chunk) for chunk in batched(self.records, self.batch))
+
+    def processed(self, session: StreamSession) -> None:
+        pass
+
+    def close(self, session: StreamSession) -> None:
+        pass
+
+
+class TopicRangeSource(RecordSource):
+    """A topic range, without a consumer group: every partition holds the merge
+    back from the start, and one is at its end only once its last records are in."""
+
+    def __init__(self, polls: Iterable[TopicPoll], batch: int):
+        super().__init__((), batch)
+        self.topic_polls = polls
+
+    def polls(self, session: StreamSession) -> Iterator[Poll]:
+        none: frozenset[int] = frozenset()
+        for poll in self.topic_polls:
+            chunks = list(batched(poll.records, self.batch)) or [[]]
+            for i, chunk in enumerate(chunks):
+                yield Poll(chunk, poll.at_end if i == len(chunks) - 1 else none,
+                           poll.partitions)
+
+
+class Paced:
+    """A source slowed to ``speed`` x event time."""
+
+    def __init__(self, source: Source, speed: float):
+        self.source, self.speed = source, speed
+        self.finite = source.finite
+
+    def polls(self, session: StreamSession) -> Iterator[Poll]:
+        t0, first = time.perf_counter(), math.nan
+        for poll in self.source.polls(session):
+            yield poll
+            newest = session.event_time()
+            if not math.isfinite(newest):
+                continue
+            if math.isnan(first):
+                first = newest
+            ahead = (newest - first) / self.speed - (time.perf_counter() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def processed(self, session: StreamSession) -> None:
+        self.source.processed(session)
+
+    def close(self, session: StreamSession) -> None:
+        self.source.close(session)
+
+
+def _source(source: str, s: Settings) -> Source:
+    r = s.replay
+    rng = TopicRange(from_ms=None if r.from_time is None else int(r.from_time * 1000),
+                     from_offset=r.from_offset, to_offset=r.to_offset)
+    batch = s.session.max_batch_records
+    bootstrap = s.kafka.bootstrap_servers
+    found: Source
+    if source.startswith("kafka:"):
+        if bootstrap is None:
+            raise SourceError("a kafka: source needs --bootstrap-servers")
+        found = TopicRangeSource(read_topic_batches(bootstrap, source.removeprefix("kafka:"),
+                                                    rng), batch)
+    else:
+        found = RecordSource(read_source(source, bootstrap=bootstrap, topic_range=rng), batch)
+    return found if r.speed is None else Paced(found, r.speed)
 
 
 def _total(source: str) -> int | None:
@@ -160,89 +199,37 @@ def _total(source: str) -> int | None:
 
 def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplaySummary:
     s = settings
-    topic_range = TopicRange(
-        from_ms=None if s.replay_from is None else int(s.replay_from * 1000),
-        from_offset=s.replay_from_offset, to_offset=s.replay_to_offset)
-    batches = _batches(source, s, topic_range)
     with ExitStack() as stack:
-        learner, version = _learner(s)
+        start = _start(s)
         # no wall clock: the same records give the same log, however fast they come
-        pipeline = Pipeline(s, learner, keep_all=True, wall_clock=False)
-        sink = _sink(s, stack)
-        publisher = Publisher(sink, s.publish_every, version) if sink is not None else None
-        out: IO[str] | None = None
-        if s.predictions_out is not None:
-            out = stack.enter_context(Path(s.predictions_out).open("w"))
-        drift_out: IO[str] | None = None
-        if s.drift_out is not None:
-            drift_out = stack.enter_context(Path(s.drift_out).open("w"))
-        warm_up(s)
-        bar = _Progress(_total(source), s.log_every_seconds, progress)
-        done, first_ts = 0, math.nan
+        session = StreamSession(s.session, start.theta, keep_all=True, wall_clock=False,
+                                event_times=event_times(s))
+        sinks: list[Sink] = []
+        model_sink = _model_sink(s, stack)
+        publisher = None
+        if model_sink is not None:
+            publisher = Publisher(model_sink, s.publish.publish_every,
+                                  last_version=start.last_version, parent=start.parent)
+            sinks.append(ModelVersions(publisher))
+        if s.ops.predictions_out is not None:
+            sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("w"))))
+        if s.replay.drift_out is not None:
+            sinks.append(DriftFile(stack.enter_context(s.replay.drift_out.open("w"))))
+        records = _source(source, s)
+        warm_up(s.session)
+        if progress:
+            sinks.append(ProgressLine(s.ops.log_every_seconds, log, total=_total(source)))
         t0 = time.perf_counter()
-        for batch, caught_up, partitions in batches:
-            # every partition holds the merge back from the start, not from its first record
-            pipeline.track(partitions, time.monotonic())
-            result = pipeline.process(batch, caught_up, flush=False)
-            done += len(batch)
-            if out is not None:
-                write_predictions(out, result.predictions)
-            if drift_out is not None:
-                drift_out.writelines(drift_json(e) + "\n" for e in result.drift)
-            if publisher is not None:
-                for _ in result.meta:
-                    publisher.after_meta_update(learner)
-            if s.replay_speed is not None:
-                first_ts = _pace(pipeline, s.replay_speed, t0, first_ts)
-            bar.update(done, pipeline)
-        final = pipeline.finish()
-        bar.close()
-        if out is not None:
-            write_predictions(out, final.predictions)
-        if drift_out is not None:
-            drift_out.writelines(drift_json(e) + "\n" for e in final.drift)
-        if publisher is not None:
-            publisher.finish(learner)
+        stream(session, records, sinks)
+        seconds = time.perf_counter() - t0
+    status = session.status()
     return ReplaySummary(
-        records=done,
-        predictions=pipeline.evaluation.count,
-        dead_letters=dict(pipeline.dead_letters),
-        seconds=time.perf_counter() - t0,
-        quality=pipeline.evaluation.summary(),
-        meta_updates=learner.meta_updates,
-        drift_alarms=dict(Counter(e.signal for e in pipeline.drift.events)),
+        records=status.records,
+        predictions=status.predictions,
+        dead_letters=status.dead_letters,
+        seconds=seconds,
+        quality=session.quality(),
+        meta_updates=status.meta_updates,
+        drift_alarms=dict(Counter(e.signal for e in session.drift_events())),
         versions=publisher.published if publisher is not None else [],
     )
-
-
-def _batches(source: str, s: Settings, topic_range: TopicRange
-             ) -> Iterator[tuple[list[Record], frozenset[int] | None, frozenset[int]]]:
-    """Micro-batches of the source, each with the partitions read to their end
-    (None: a file or dataset, one partition in its own order) and all partitions."""
-    if not source.startswith("kafka:"):
-        records = read_source(source, bootstrap=s.bootstrap_servers, topic_range=topic_range)
-        yield from ((batch, None, frozenset()) for batch in batched(records,
-                                                                    s.max_batch_records))
-        return
-    if s.bootstrap_servers is None:
-        raise SourceError("a kafka: source needs --bootstrap-servers")
-    none: frozenset[int] = frozenset()
-    topic = source.removeprefix("kafka:")
-    for poll in read_topic_batches(s.bootstrap_servers, topic, topic_range):
-        chunks = list(batched(poll.records, s.max_batch_records)) or [[]]
-        # a partition is at its end only once its last records are in
-        for i, chunk in enumerate(chunks):
-            yield chunk, poll.at_end if i == len(chunks) - 1 else none, poll.partitions
-
-
-def _pace(pipeline: Pipeline, speed: float, t0: float, first_ts: float) -> float:
-    """Sleep until wall time catches up with event time / speed."""
-    newest = pipeline.joiner.watermark + pipeline.joiner.lateness
-    if not math.isfinite(newest):
-        return first_ts
-    if math.isnan(first_ts):
-        return newest
-    ahead = (newest - first_ts) / speed - (time.perf_counter() - t0)
-    if ahead > 0:
-        time.sleep(ahead)
-    return first_ts

@@ -24,17 +24,17 @@ import decimal
 import json
 import numbers
 import re
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 from pydantic_core import from_json
 
 from metarec.datasets import movielens
 from metarec.datasets.synthetic import SyntheticStream
-from streamer.pipeline import Record
+from metarec.records import Record
+from streamer.errors import MissingTopicError, SourceError
+from streamer.kafka_io import TopicPoll, TopicRange, read_range
 
 DATASETS = ("movielens-100k", "synthetic")
 NESTED = ("context", "user_features", "item_features")
@@ -44,23 +44,6 @@ CSV_BOOLEANS = {"true": True, "false": False}
 #: --max-record-bytes is larger still), and a CSV line or field this long ends the
 #: file: it is most likely an unclosed quote
 MAX_LINE_BYTES = 16 << 20
-
-
-class SourceError(ValueError):
-    """The source named on the command line cannot be read."""
-
-
-@dataclass(frozen=True)
-class TopicRange:
-    """Which part of a topic a replay reads. ``from_ms`` seeks by record timestamp:
-    a record is written no earlier than its event happened, so nothing in range
-    is skipped. There is no ``to_ms``: an event inside the range may be written
-    after its end, so the end is found by reading (the pipeline filters by event
-    time) or given as an offset."""
-
-    from_ms: int | None = None
-    from_offset: int | None = None
-    to_offset: int | None = None
 
 
 def check_source(name: str) -> None:
@@ -363,77 +346,18 @@ def _jsonable(value: Any) -> Any:
 _to_json = json.JSONEncoder(default=_jsonable).encode
 
 
-class TopicPoll(NamedTuple):
-    records: list[Record]
-    at_end: frozenset[int]
-    partitions: frozenset[int]
-
-
-def read_topic(bootstrap: str, topic: str, rng: TopicRange, *,
-               settle_ms: int = 1000) -> Iterator[Record]:
-    """The records of :func:`read_topic_batches`, one after another."""
-    for poll in read_topic_batches(bootstrap, topic, rng, settle_ms=settle_ms):
+def read_topic(bootstrap: str, topic: str, rng: TopicRange) -> Iterator[Record]:
+    """The records of a topic range, one after another."""
+    for poll in read_topic_batches(bootstrap, topic, rng):
         yield from poll.records
 
 
-def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange, *, settle_ms: int = 1000,
-                       max_records: int = 2000) -> Iterator[TopicPoll]:
-    """A topic between two broker timestamps or offsets, a poll at a time: each
-    partition's records in its order, the partitions read to their end and all of
-    them (the pipeline merges partitions by event time: it must know which exist
-    before they deliver, and which have no more to give). No consumer group: a
-    replay never moves a live group's offsets."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         fetch_max_wait_ms=10)
+def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange) -> Iterator[TopicPoll]:
+    """A topic range a poll at a time (:func:`streamer.kafka_io.read_range`)."""
     try:
-        parts = cons.partitions_for_topic(topic)
-        if not parts:
-            raise SourceError(f"topic {topic!r} does not exist")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        cons.assign(tps)
-        end = cons.end_offsets(tps)
-        start = dict.fromkeys(tps, 0)
-        if rng.from_offset is not None:
-            start = dict.fromkeys(tps, rng.from_offset)
-        elif rng.from_ms is not None:
-            found = cons.offsets_for_times(dict.fromkeys(tps, rng.from_ms))
-            start = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
-        # None: up to the end
-        stop: dict[Any, int | None] = dict.fromkeys(tps, rng.to_offset)
-        for tp in tps:
-            cons.seek(tp, start[tp])
-        quiet_since = time.monotonic()
-        done: set[Any] = set()
-        while len(done) < len(tps):
-            polled = cons.poll(timeout_ms=100, max_records=max_records)
-            records: list[Record] = []
-            for tp, msgs in polled.items():
-                limit = stop[tp]
-                kept = [m for m in msgs if limit is None or m.offset < limit]
-                if limit is not None and len(kept) < len(msgs):
-                    done.add(tp)
-                records += [Record(m.value if m.value is not None else b"", m.key, m.topic,
-                                   m.partition, m.offset, m.timestamp) for m in kept]
-            now = time.monotonic()
-            if records:
-                quiet_since = now
-            at_end = set()
-            for tp in tps:
-                limit = stop[tp]
-                position = cons.position(tp)
-                if limit is not None and position >= limit:
-                    done.add(tp)
-                if position >= end[tp]:
-                    at_end.add(tp)
-                    # end offsets may under-report the newest batch: read on until quiet
-                    if (now - quiet_since) * 1000 >= settle_ms:
-                        done.add(tp)
-            yield TopicPoll(records, frozenset(tp.partition for tp in done | at_end),
-                            frozenset(tp.partition for tp in tps))
-    finally:
-        cons.close()
+        yield from read_range(bootstrap, topic, rng)
+    except MissingTopicError as exc:
+        raise SourceError(str(exc)) from exc
 
 
 def batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:

@@ -14,15 +14,15 @@ from kafka import KafkaProducer
 from numpy.typing import ArrayLike
 
 from metarec.datasets.synthetic import SyntheticStream
+from metarec.records import Record
 from streamer.config import Settings
-from streamer.pipeline import Record
 
 
 def small_settings(**changes: Any) -> Settings:
     base: dict[str, Any] = {"item_buckets": 4096, "feature_buckets": 1024, "dim": 8,
                             "meta_every": 500, "meta_users": 64, "max_batch_records": 200,
                             "metrics_port": 0}
-    return Settings(**{**base, **changes})
+    return Settings.of(**{**base, **changes})
 
 
 def records(stream: SyntheticStream) -> list[Record]:

@@ -1,79 +1,102 @@
-"""Batched fast adaptation is exactly what a per-user loop of plain SGD would do."""
+"""Batched fast adaptation, torch and compiled, is exactly what a per-user loop of
+the textbook version does, with any example weights."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from metarec.model import (
-    Examples,
-    ModelConfig,
-    adapt,
-    bce,
-    init_theta,
-    logit,
-    represent,
+from metarec import kernels
+from metarec.adaptation import GradientAdaptation, PrototypeAdaptation, user_adaptation
+from metarec.model import Adaptation, represent
+from metarec.representation import represent as compiled_represent
+from tests.reference_learning import (
+    CFG,
+    prototype_one_user,
+    random_tasks,
+    random_theta,
+    recency_weights,
+    sgd_one_user,
+    user_tasks,
 )
 
-CFG = ModelConfig(dim=4, inner_steps=3, inner_lr=0.3, inner_l2=0.05)
+
+def weights(mask: torch.Tensor, recency: bool) -> torch.Tensor:
+    """The mask, or recency weights over each user's leading run of examples."""
+    if not recency:
+        return mask
+    out = torch.zeros_like(mask)
+    for u, length in enumerate(mask.sum(-1).long().tolist()):
+        out[u, :length] = recency_weights(length, 0.7)
+    return out
 
 
-def random_theta(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    theta = init_theta(CFG, seed)
-    for name in ("item_emb", "item_bias", "feat_emb", "feat_bias"):
-        theta[name] = torch.randn(theta[name].shape, generator=gen) * 0.3
-    theta["feat_emb"][0] = 0
-    theta["feat_bias"][0] = 0
-    return theta
-
-
-def random_tasks(n: int, r: int, seed: int = 1) -> tuple[Examples, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    spec = CFG.features
-    ex = Examples(
-        torch.randint(1, spec.item_buckets, (n, r), generator=gen),
-        torch.randint(0, 50, (n, r, spec.item_slots), generator=gen),
-        torch.randint(0, 50, (n, r, spec.user_slots + spec.context_slots), generator=gen),
-    )
-    y = torch.randint(0, 2, (n, r), generator=gen).float()
-    lengths = torch.tensor([r, 3, 1, r - 2, 5][:n])
-    mask = (torch.arange(r)[None, :] < lengths[:, None]).float()
-    return ex, y, mask
-
-
-def sgd_one_user(theta: dict[str, torch.Tensor], phi: torch.Tensor, ex: Examples,
-                 y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The textbook version: autograd on one user's regularised loss, step by step."""
-    lr = theta["log_inner_lr"].exp()
-    for _ in range(CFG.inner_steps):
-        phi = phi.detach().requires_grad_()
-        q, base = represent(theta, ex)
-        loss = bce(logit(phi, q, base), y, mask)
-        loss = loss + CFG.inner_l2 / 2 * ((phi - theta["phi0"]) ** 2).sum()
-        (grad,) = torch.autograd.grad(loss, phi)
-        phi = phi - lr * grad
-    return phi.detach()
-
-
-def test_batched_adaptation_equals_a_per_user_sgd_loop() -> None:
+@pytest.mark.parametrize("recency", [False, True])
+def test_batched_adaptation_equals_a_per_user_sgd_loop(recency: bool) -> None:
     theta = random_theta()
     ex, y, mask = random_tasks(5, 8)
+    weight = weights(mask, recency)
     noise = torch.randn(5, CFG.phi_dim, generator=torch.Generator().manual_seed(3))
     phi = theta["phi0"] + 0.1 * noise
-    batched = adapt(theta, phi, ex, y, mask, CFG)
+    q, base = represent(theta, ex)
+    batched = GradientAdaptation(CFG).adapt(theta, phi, q, base, y, weight)
     for u in range(5):
         m = mask[u].bool()
-        one = sgd_one_user(theta, phi[u], ex.take(u).take(m), y[u][m], mask[u][m])
+        one = sgd_one_user(theta, phi[u], ex.take(u).take(m), y[u][m], weight[u][m])
         torch.testing.assert_close(batched[u], one, atol=1e-5, rtol=1e-5)
+
+
+def test_the_prototype_is_its_closed_form() -> None:
+    theta = random_theta()
+    ex, y, mask = random_tasks(5, 8)
+    weight = weights(mask, True)
+    q, base = represent(theta, ex)
+    batched = PrototypeAdaptation(CFG).adapt(theta, theta["phi0"].expand(5, -1), q, base, y,
+                                             weight)
+    for u in range(5):
+        m = mask[u].bool()
+        want = prototype_one_user(theta, ex.take(u).take(m), y[u][m], weight[u][m])
+        torch.testing.assert_close(batched[u], want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adaptation", list(Adaptation))
+def test_the_compiled_adaptation_is_the_torch_one(adaptation: Adaptation) -> None:
+    """:func:`metarec.kernels.adapt_tasks` with either rule, weights as given."""
+    config = CFG.model_copy(update={"adaptation": adaptation})
+    theta = random_theta()
+    ex, y, mask = random_tasks(5, 8)
+    weight = weights(mask, True)
+    ours = user_adaptation(config)
+    phi = np.repeat(theta["phi0"].numpy()[None], 5, axis=0)
+    rep = compiled_represent(theta, user_tasks(ex, y, mask).ids())
+    kernels.adapt_tasks(phi, kernels.WeightedTasks(rep.q, rep.base, y.numpy(), weight.numpy()),
+                        ours.rule(theta))
+    q, base = represent(theta, ex)
+    want = ours.adapt(theta, theta["phi0"].expand(5, -1), q, base, y, weight)
+    np.testing.assert_allclose(phi, want.numpy(), atol=1e-5)
+
+
+def test_no_inner_steps_is_no_adaptation() -> None:
+    config = CFG.model_copy(update={"inner_steps": 0})
+    theta = random_theta()
+    ex, y, mask = random_tasks(5, 8)
+    q, base = represent(theta, ex)
+    phi = theta["phi0"].expand(5, -1)
+    for adaptation in Adaptation:
+        ours = user_adaptation(config.model_copy(update={"adaptation": adaptation}))
+        assert torch.equal(ours.adapt(theta, phi, q, base, y, mask), phi)
 
 
 def test_users_do_not_leak_into_each_other() -> None:
     theta = random_theta()
     ex, y, mask = random_tasks(5, 8)
     phi = theta["phi0"].expand(5, -1)
-    before = adapt(theta, phi, ex, y, mask, CFG)
+    q, base = represent(theta, ex)
+    ours = GradientAdaptation(CFG)
+    before = ours.adapt(theta, phi, q, base, y, mask)
     y2 = y.clone()
     y2[0] = 1 - y2[0]  # change only user 0's labels
-    after = adapt(theta, phi, ex, y2, mask, CFG)
+    after = ours.adapt(theta, phi, q, base, y2, mask)
     assert not torch.allclose(before[0], after[0])
     torch.testing.assert_close(before[1:], after[1:])

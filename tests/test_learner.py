@@ -7,11 +7,11 @@ import json
 import numpy as np
 
 from metarec.datasets.synthetic import SyntheticStream
-from metarec.encoding import encode
 from metarec.events import Impression
 from metarec.learner import LEARN, PREDICT, OnlineLearner
-from streamer.pipeline import Pipeline
+from metarec.session import StreamSession
 from tests.helpers import as_record, records, small_settings
+from tests.reference import encode
 
 T0 = 1_700_000_000.0
 
@@ -24,11 +24,11 @@ def impression(user: str, item: str, t: float, clicked: bool | None = None) -> I
 
 def warmed_learner() -> OnlineLearner:
     settings = small_settings()
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    session = StreamSession(settings.session)
     recs = records(SyntheticStream(users=60, events_per_user=20))
     for i in range(0, len(recs), 200):
-        pipeline.process(recs[i:i + 200])
-    return pipeline.learner
+        session.process(recs[i:i + 200])
+    return session.learner
 
 
 def test_a_label_changes_the_users_next_prediction_within_the_same_micro_batch() -> None:
@@ -79,11 +79,11 @@ def test_prequential_honesty_a_label_never_reaches_its_own_prediction() -> None:
 
     def predictions(evs: list[dict]) -> list[dict]:  # type: ignore[type-arg]
         settings = small_settings(meta_every=100)
-        pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+        session = StreamSession(settings.session)
         out = []
         for i in range(0, len(evs), 64):
             out += [json.loads(p.to_json()) for p in
-                    pipeline.process([as_record(e) for e in evs[i:i + 64]]).predictions]
+                    session.process([as_record(e) for e in evs[i:i + 64]]).predictions]
         return out
 
     base, other = predictions(events), predictions(flipped)
@@ -94,9 +94,9 @@ def test_prequential_honesty_a_label_never_reaches_its_own_prediction() -> None:
 
 def test_k_counts_the_labels_a_user_had_given_before() -> None:
     settings = small_settings()
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
+    session = StreamSession(settings.session)
     evs = list(SyntheticStream(users=5, events_per_user=10, seed=4).events())
-    preds = pipeline.process([as_record(e) for e in evs]).predictions
+    preds = session.process([as_record(e) for e in evs]).predictions
     for user in {e["user_id"] for e in evs}:
         ks = [p.k for p in preds if p.user_id == user]
         assert ks == list(range(len(ks)))
@@ -104,13 +104,13 @@ def test_k_counts_the_labels_a_user_had_given_before() -> None:
 
 
 def test_meta_update_is_due_after_n_labels_or_t_seconds() -> None:
-    by_count = OnlineLearner(small_settings(meta_every=3).learner_config())
+    by_count = OnlineLearner(small_settings(meta_every=3).session.learner)
     by_count.since_meta = 2
     assert not by_count.meta_due
     by_count.since_meta = 3
     assert by_count.meta_due
     by_time = OnlineLearner(small_settings(meta_every=10**6,
-                                           meta_every_seconds=0.05).learner_config())
+                                           meta_every_seconds=0.05).session.learner)
     by_time.since_meta = 1
     assert not by_time.meta_due
     by_time.last_meta -= 0.06

@@ -93,8 +93,8 @@ def run_flags(broker: EmbeddedBroker, topics: Topics, partitions: int,
 
 
 def create_topics(broker: EmbeddedBroker, topics: Topics, partitions: int) -> None:
-    settings = topics.settings(broker).model_copy(update={"partitions": partitions})
-    kafka_io.ensure_topics(broker.bootstrap, settings)
+    settings = topics.settings(broker).with_flat(partitions=partitions)
+    kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
 
 
 def wait_for_log(path: Path, text: str, proc: subprocess.Popen[str],

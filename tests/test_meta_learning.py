@@ -16,7 +16,8 @@ from metarec.evaluation import auc, logloss
 from metarec.learner import OnlineLearner
 from metarec.meta import Algorithm
 from metarec.model import Adaptation
-from streamer.pipeline import Pipeline, Record
+from metarec.records import Record
+from metarec.session import StreamSession
 from tests.helpers import records, small_settings
 
 STREAM = SyntheticStream(users=300, events_per_user=30, seed=7)
@@ -36,9 +37,9 @@ def split_by_arrival(recs: list[Record]) -> tuple[list[Record], list[Record]]:
 def first_five(learner: OnlineLearner, recs: list[Record]) -> tuple[float, float]:
     """(AUC, logloss) of new users' predictions made with fewer than five labels."""
     settings = small_settings(meta_every=10**9)  # evaluation: no meta-updates
-    pipeline = Pipeline(settings, learner)
+    session = StreamSession(settings.session, learner.theta)
     preds = [p for i in range(0, len(recs), 200)
-             for p in pipeline.process(recs[i:i + 200]).predictions if p.k < 5]
+             for p in session.process(recs[i:i + 200]).predictions if p.k < 5]
     p, y = np.array([p.p for p in preds]), np.array([p.label for p in preds], float)
     return auc(p, y), logloss(p, y)
 
@@ -52,11 +53,11 @@ def test_learned_initialisation_beats_a_random_one_on_new_users_first_five(
         variant: dict[str, Any]) -> None:
     train, fresh = split_by_arrival(records(STREAM))
     settings = small_settings(meta_every=300, **variant)
-    pipeline = Pipeline(settings, OnlineLearner(settings.learner_config()))
-    start_phi0 = pipeline.learner.theta["phi0"].clone()
+    session = StreamSession(settings.session)
+    start_phi0 = session.learner.theta["phi0"].clone()
     for i in range(0, len(train), 200):
-        pipeline.process(train[i:i + 200])
-    trained = pipeline.learner
+        session.process(train[i:i + 200])
+    trained = session.learner
     assert trained.meta_updates >= 5
     assert not torch.allclose(trained.theta["phi0"], start_phi0)  # meta-learning moved it
 

@@ -20,8 +20,8 @@ from streamer.cli import main
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker
 from streamer.model_topic import read_versions
-from streamer.pipeline import warm_up
 from streamer.replay import replay as replay_fn
+from streamer.warmup import warm_up
 from tests.test_kafka_integration import Topics, committed, produce
 
 EVENTS = list(SyntheticStream(users=60, events_per_user=12, seed=41).events())
@@ -80,10 +80,10 @@ def test_a_topic_replays_like_the_file_and_commits_nothing(broker: EmbeddedBroke
                                                            tmp_path: Path) -> None:
     topics = Topics()
     # one partition: the topic's order is the file's order
-    kafka_io.ensure_topics(broker.bootstrap, Settings(bootstrap_servers=broker.bootstrap,
+    kafka_io.ensure_topics(broker.bootstrap, Settings.of(bootstrap_servers=broker.bootstrap,
                                                       events_topic=topics.events,
                                                       model_topic=topics.model,
-                                                      dlq_topic=topics.dlq, partitions=1))
+                                                      dlq_topic=topics.dlq, partitions=1).kafka)
     produce(broker, topics.events, EVENTS, [])
     src = str(write_jsonl(tmp_path / "events.jsonl"))
     boot = ["--bootstrap-servers", broker.bootstrap, "--group-id", topics.group]
@@ -154,11 +154,11 @@ def paced_events(tmp_path: Path) -> Path:
 
 def test_speed_paces_the_replay_by_event_time(tmp_path: Path) -> None:
     src = paced_events(tmp_path)
-    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=50,
+    settings = Settings.of(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=50,
                         metrics_port=0)
     fast = replay_fn(settings, str(src), progress=False)
     # pacing starts after the first micro-batch (event time 4.9 s): 15 s at 10x is 1.5 s
-    slow = replay_fn(settings.model_copy(update={"replay_speed": 10.0}), str(src),
+    slow = replay_fn(settings.with_flat(replay_speed=10.0), str(src),
                      progress=False)
     assert fast.seconds < 1.0 <= 1.4 <= slow.seconds < 5.0
     assert slow.predictions == fast.predictions == 200
@@ -167,7 +167,7 @@ def test_speed_paces_the_replay_by_event_time(tmp_path: Path) -> None:
 def test_progress_is_logged_when_not_on_a_terminal(tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     src = paced_events(tmp_path)
-    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=20,
+    settings = Settings.of(item_buckets=4096, feature_buckets=1024, dim=8, max_batch_records=20,
                         metrics_port=0, log_every_seconds=1e-6)
     with caplog.at_level(logging.INFO, logger="metarec.replay"):
         replay_fn(settings, str(src))
@@ -178,13 +178,13 @@ def test_progress_is_logged_when_not_on_a_terminal(tmp_path: Path,
 def test_after_the_warm_up_no_kernel_is_compiled_mid_stream() -> None:
     """The warm-up runs every compiled kernel with the argument types of real traffic,
     so the first real micro-batch does not stop to compile (or load) one."""
-    settings = Settings(item_buckets=4096, feature_buckets=1024, dim=8, metrics_port=0,
+    settings = Settings.of(item_buckets=4096, feature_buckets=1024, dim=8, metrics_port=0,
                         replay_from=1.0e9, replay_to=1.1e9)  # a range must not matter
-    warm_up(settings)
+    warm_up(settings.session)
     compiled = [kernels.serve, kernels.represent, kernels.online_step, kernels.adapt_tasks,
                 drift._moving_averages]
     before = [len(k.signatures) for k in compiled]
     assert all(before)
-    replay_fn(settings.model_copy(update={"replay_from": None, "replay_to": None}),
+    replay_fn(settings.with_flat(replay_from=None, replay_to=None),
               "synthetic", progress=False)
     assert [len(k.signatures) for k in compiled] == before

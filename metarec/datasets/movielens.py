@@ -19,11 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from metarec.errors import MetarecError
+
 WHEEL = "recbole==1.2.1"
 PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(MetarecError, RuntimeError):
     """The dataset could not be fetched or read."""
 
 
@@ -99,7 +101,8 @@ def events(path: Path | None = None) -> Iterator[dict[str, Any]]:
 
 def json_events(path: Path | None = None) -> Iterator[tuple[bytes, bytes]]:
     """:func:`events` as (user id, JSON) bytes. Each user's and item's part is
-    serialised once: dumping whole events cost more than the learner spent on them."""
+    serialised once and reused by all their ratings, rather than dumping each
+    whole event with the same features again."""
     users, items, ratings = _ratings(path)
     parts = {
         kind: {key: f'"{kind}_id": {json.dumps(key)}, "{kind}_features": {json.dumps(feats)}'

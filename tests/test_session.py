@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections import Counter
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.events import REJECT_REASONS
-from metarec.learner import OnlineLearner
-from streamer.pipeline import Pipeline, Record
+from metarec.records import Record
+from metarec.session import StreamSession
 from tests.helpers import small_settings
 
 T0 = 1_700_000_000.0
@@ -24,9 +25,9 @@ CLICKED = {e["impression_id"] for e in STREAM if e["type"] == "click"}
 IMPRESSIONS = {e["impression_id"]: e for e in STREAM if e["type"] == "impression"}
 
 
-def pipeline() -> Pipeline:
+def fresh_session() -> StreamSession:
     s = small_settings(meta_every=100, meta_users=16)
-    return Pipeline(s, OnlineLearner(s.learner_config()))
+    return StreamSession(s.session)
 
 
 def partition_of(user: str) -> int:
@@ -38,18 +39,18 @@ def valid_records(events: list[dict[str, Any]] = STREAM, partitions: int = 3) ->
                    partition_of(e["user_id"]) % partitions, n) for n, e in enumerate(events)]
 
 
-def run(records: list[Record], batch: int) -> tuple[Pipeline, dict[str, int], list[Any]]:
+def run(records: list[Record], batch: int) -> tuple[StreamSession, dict[str, int], list[Any]]:
     """Labels by impression id (from the learned predictions), and the dead letters."""
-    pipe, labels, dead = pipeline(), {}, []
-    results = [pipe.process(records[i:i + batch]) for i in range(0, len(records), batch)]
-    results.append(pipe.finish())
+    session, labels, dead = fresh_session(), {}, []
+    results = [session.process(records[i:i + batch]) for i in range(0, len(records), batch)]
+    results.append(session.finish())
     for result in results:
         dead += result.dead_letters
         for user, ts, label in zip(result.predictions.user_id,
                                    result.predictions.timestamp.tolist(),
                                    result.predictions.label.tolist(), strict=True):
             labels[f"{user}@{ts}"] = int(label)
-    return pipe, labels, dead
+    return session, labels, dead
 
 
 def truth(events: list[dict[str, Any]] = STREAM) -> dict[str, int]:
@@ -59,14 +60,14 @@ def truth(events: list[dict[str, Any]] = STREAM) -> dict[str, int]:
 
 
 def test_micro_batches_of_unlabelled_impressions_are_scored_and_wait() -> None:
-    pipe = pipeline()
+    session = fresh_session()
     imps = [json.dumps({"type": "impression", "impression_id": f"x{i}", "user_id": f"u{i % 3}",
                         "item_id": "i1", "timestamp": T0 + i}).encode() for i in range(6)]
     for raw in imps:  # one at a time, as a trickle: every batch has no label
-        result = pipe.process([Record(raw)])
+        result = session.process([Record(raw)])
         assert len(result.predictions) == 0 and not result.dead_letters
-    assert pipe.joiner.pending == 6
-    assert len(pipe.finish().predictions) == 6
+    assert session.status().pending_impressions == 6
+    assert len(session.finish().predictions) == 6
 
 
 def test_every_impression_is_learned_once_with_its_joined_label() -> None:
@@ -134,7 +135,7 @@ def test_hostile_records_change_no_valid_label_and_escape_nowhere(
         rec = Record(raw, b"k", "events", part, 10_000 + len(kinds))
         kinds[id(rec)] = kind
         records.insert(at, rec)
-    pipe, labels, dead = run(records, batch)
+    session, labels, dead = run(records, batch)
     assert labels == truth()  # every valid impression once, with its own label
     by_record = {id(d.record): d for d in dead}
     assert all(d.reason in REJECT_REASONS and d.detail for d in dead)
@@ -146,12 +147,13 @@ def test_hostile_records_change_no_valid_label_and_escape_nowhere(
             assert id(rec) in by_record, rec.value
     resent = sum(1 for k in kinds.values() if k == "resent")
     # within the dedup horizon a repeat is a duplicate; past it, too late to learn
-    assert pipe.joiner.stats["duplicate_impression"] + pipe.joiner.stats["late_impression"] \
+    outcomes = Counter(session.status().join_outcomes)
+    assert outcomes["duplicate_impression"] + outcomes["late_impression"] \
         == resent
     foreign = sum(1 for k in kinds.values() if k == "foreign_click")
     assert sum(1 for d in dead if d.reason == "join_mismatch") + \
-        pipe.joiner.stats["late_click"] + pipe.joiner.stats["orphan_click_expired"] + \
-        pipe.joiner.stats["click_outside_window"] >= foreign
+        outcomes["late_click"] + outcomes["orphan_click_expired"] + \
+        outcomes["click_outside_window"] >= foreign
 
 
 def test_one_event_from_the_future_moves_no_window() -> None:
@@ -183,15 +185,15 @@ def test_a_replay_does_not_depend_on_how_fast_its_records_come() -> None:
     records = sorted(valid_records(), key=lambda r: r.partition)
     logs = []
     for pause in (0.0, 0.1):
-        pipe = Pipeline(s, OnlineLearner(s.learner_config()), wall_clock=False)
-        pipe.track(range(3), time.monotonic())
+        session = StreamSession(s.session, wall_clock=False)
+        session.track(range(3), time.monotonic())
         seen = []
         for i in range(0, len(records), 40):
-            result = pipe.process(records[i:i + 40], flush=False)
+            result = session.process(records[i:i + 40], flush=False)
             seen += list(zip(result.predictions.user_id, result.predictions.p.tolist(),
                              strict=True))
             time.sleep(pause)
-        result = pipe.finish()
+        result = session.finish()
         logs.append(seen + list(zip(result.predictions.user_id, result.predictions.p.tolist(),
                                     strict=True)))
     assert logs[0] == logs[1] and len(logs[0]) == len(IMPRESSIONS)

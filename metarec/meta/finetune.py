@@ -1,0 +1,19 @@
+"""The control: φ_0 and θ trained by ordinary gradient descent on every sampled
+user's examples pooled, with no inner loop in the objective. Users still adapt from
+φ_0 in serving exactly as with the meta-learners, so what this measures is the
+meta-objective's worth."""
+
+from __future__ import annotations
+
+import torch
+
+from metarec.meta.objective import Objective
+from metarec.model import Examples, Theta, bce, logit, represent
+
+
+class FineTune(Objective):
+    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        phi = theta["phi0"].expand(y.shape[0], -1)
+        q, base = represent(theta, tasks)
+        return bce(logit(phi.unsqueeze(-2), q, base), y, mask)

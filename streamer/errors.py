@@ -1,0 +1,15 @@
+"""The streamer's exceptions, under the core's root."""
+
+from metarec.errors import MetarecError
+
+
+class StreamerError(MetarecError):
+    """Root of the exceptions the streamer raises on purpose."""
+
+
+class SourceError(StreamerError, ValueError):
+    """A source that cannot be read: the message names it and says why (exit code 2)."""
+
+
+class MissingTopicError(StreamerError, LookupError):
+    """A topic that does not exist on the cluster."""

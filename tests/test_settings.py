@@ -1,0 +1,67 @@
+"""Every setting is defined once, in the model that uses it, and reaches that
+model as a flag and as an environment variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from metarec.drift import DriftConfig
+from metarec.joiner import JoinConfig
+from metarec.meta import MetaConfig
+from metarec.session import SessionConfig
+from streamer.cli import build_parser, settings_of
+from streamer.config import LEAVES, Settings
+
+
+def test_every_setting_of_the_core_has_a_flag_on_run_and_replay() -> None:
+    core = {leaf.name for leaf in LEAVES.values() if leaf.path[0] == "session"}
+    assert len(core) >= 40  # learning, joining, ordering, caches, drift
+    for command in ("run", "replay"):
+        parser = build_parser()
+        sub = next(a for a in parser._subparsers._group_actions  # type: ignore[union-attr]
+                   ).choices[command]
+        dests = {a.dest for a in sub._actions}
+        assert core <= dests, core - dests
+
+
+@pytest.mark.parametrize(("flag", "value", "where"), [
+    ("--meta-min-task", "7", lambda s: s.session.learner.meta.min_task == 7),
+    ("--no-meta-update-tables", None, lambda s: s.session.learner.meta.update_tables is False),
+    ("--item-slots", "5", lambda s: s.session.learner.model.features.item_slots == 5),
+    ("--drift-adwin-delta", "0.002", lambda s: s.session.drift.adwin_delta == 0.002),
+    ("--drift-psi-window", "500", lambda s: s.session.drift.psi_window == 500),
+    ("--max-orphan-clicks", "10", lambda s: s.session.join.max_orphan_clicks == 10),
+    ("--idle-partition-seconds", "3", lambda s: s.session.order.idle_partition_seconds == 3),
+    ("--token-cache-bytes", "0", lambda s: s.session.cache.token_cache_bytes == 0),
+    ("--algorithm", "maml", lambda s: s.session.learner.meta.algorithm.value == "maml"),
+    ("--from", "100", lambda s: s.replay.from_time == 100),
+])
+def test_a_flag_reaches_the_nested_setting(flag: str, value: str | None, where) -> None:  # type: ignore[no-untyped-def]
+    argv = ["replay", "synthetic", flag] + ([value] if value is not None else [])
+    assert where(settings_of(build_parser().parse_args(argv)))
+
+
+def test_the_environment_sets_a_setting_by_its_flat_or_its_nested_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METAREC_META_MIN_TASK", "9")
+    monkeypatch.setenv("METAREC_SESSION__DRIFT__PSI_THRESHOLD", "0.4")
+    monkeypatch.setenv("METAREC_INNER_STEPS", "2")
+    s = settings_of(build_parser().parse_args(["replay", "synthetic", "--inner-steps", "3"]))
+    assert s.session.learner.meta.min_task == 9
+    assert s.session.drift.psi_threshold == 0.4
+    assert s.session.learner.model.inner_steps == 3  # the flag wins over the environment
+
+
+def test_defaults_and_descriptions_are_those_of_the_core_models() -> None:
+    s = Settings()
+    assert s.session == SessionConfig()
+    for path, model in ((("session", "join"), JoinConfig), (("session", "drift"), DriftConfig),
+                        (("session", "learner", "meta"), MetaConfig)):
+        for name, field in model.model_fields.items():
+            leaf = next(v for v in LEAVES.values() if v.path == (*path, name))
+            assert leaf.field is field
+
+
+def test_an_invalid_value_is_refused_with_the_setting_named() -> None:
+    with pytest.raises(ValueError, match="min_task"):
+        Settings.of(meta_min_task=1)
