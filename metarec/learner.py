@@ -96,8 +96,9 @@ class OnlineLearner:
         ids = ExampleIds(ops.item, ops.item_feats, user_feats)
         rep = represent(self.theta, ids)
         tasks = serving.batch_tasks(users, self.theta, rows[learn])
-        op_arrays = OpArrays(rows, ops.kind, ops.label, rep.q, rep.base,
-                             serving.task_index(tasks, rows), ops.item, ops.context)
+        op_arrays = OpArrays(rows=rows, kind=ops.kind, label=ops.label, q=rep.q,
+                             base=rep.base, task_of=serving.task_index(tasks, rows),
+                             item=ops.item, context=ops.context)
         # the weights each example meets before it is learned: θ's online step
         # trains on exactly the situation a prediction is made in
         out = serving.serve(op_arrays, users, tasks, self.decay,

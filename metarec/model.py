@@ -57,6 +57,14 @@ class ModelConfig(BaseModel):
         return self.dim + 1
 
 
+def theta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each of θ's parameters (what :func:`init_theta` allocates)."""
+    spec, d = config.features, config.dim
+    return {"item_emb": (spec.item_buckets, d), "item_bias": (spec.item_buckets,),
+            "feat_emb": (spec.feature_buckets, d), "feat_bias": (spec.feature_buckets,),
+            "global_bias": (1,), "phi0": (config.phi_dim,), "log_inner_lr": (config.phi_dim,)}
+
+
 def init_theta(config: ModelConfig, seed: int) -> Theta:
     """Tables start at zero: an item never learned from scores by its features
     alone, and untouched rows compress to nothing on the model topic. The learner

@@ -36,6 +36,7 @@ from metarec.model import Theta
 from metarec.ordering import EventTimeOrder, Held, OrderConfig
 from metarec.predictions import Predictions
 from metarec.records import DeadLetter, Record
+from metarec.snapshot import SCHEMA
 
 #: labelled predictions (or seconds) between feeds of the drift detectors: they
 #: see the same sequence either way, and one call per chunk costs less than one
@@ -119,10 +120,12 @@ class ModelSnapshot:
 
 
 def config_hash(config: LearnerConfig) -> str:
-    """What fixes the layout and meaning of θ: its shapes and the hashing of
-    features. Learning rates and schedules are not in it, so retuning them
-    continues a model, while a model of another layout is never loaded."""
-    layout = config.model.features.model_dump_json() + f"|dim={config.model.dim}"
+    """What fixes the layout of θ: its width and the sizes of its hashed tables.
+    Two configurations of one hash load each other's snapshots; learning rates,
+    schedules and slot counts are not in it, so retuning them continues a model."""
+    f = config.model.features
+    layout = (f"{SCHEMA}|dim={config.model.dim}|item_buckets={f.item_buckets}"
+              f"|feature_buckets={f.feature_buckets}")
     return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 
@@ -146,7 +149,7 @@ class StreamSession:
         self._ready_at: list[float] = []  # when each was released
         self._wall_clock = wall_clock
         self._event_times = event_times
-        self.records = 0
+        self._records = 0
         c = config.cache
         self._encoder = Encoder(config.learner.model.features,
                                item_cache_bytes=c.item_cache_bytes,
@@ -155,8 +158,7 @@ class StreamSession:
                                token_cache_bytes=c.token_cache_bytes)
         self._evaluation = Prequential(keep_all=keep_all)
         self._drift = DriftMonitor(config.drift)
-        self.dead_letters: Counter[str] = Counter()
-        self.events: Counter[str] = Counter()
+        self._dead_letters: Counter[str] = Counter()
         self._drift_pending: list[tuple[Predictions, list[str | None]]] = []
         self._drift_count = 0
         self._drift_at = time.monotonic()
@@ -175,7 +177,7 @@ class StreamSession:
         the reader stopped fetching (silent, but not idle)."""
         t0 = time.perf_counter()
         result = SessionOutput(records=len(records))
-        self.records += len(records)
+        self._records += len(records)
         now = time.monotonic()
         clock = now if self._wall_clock else None
         # Against the wall clock too: a unit mistake far in the future is garbage
@@ -287,11 +289,11 @@ class StreamSession:
     def status(self) -> SessionStatus:
         learner, joiner = self.learner, self._joiner
         return SessionStatus(
-            records=self.records, predictions=self._evaluation.count, users=len(learner.users),
+            records=self._records, predictions=self._evaluation.count, users=len(learner.users),
             examples_learned=learner.examples_learned, meta_updates=learner.meta_updates,
             pending_impressions=joiner.pending, pending_bytes=joiner.pending_bytes,
             buffered_records=self.buffered_total(), watermark=joiner.watermark,
-            dead_letters=dict(self.dead_letters), join_outcomes=dict(joiner.stats),
+            dead_letters=dict(self._dead_letters), join_outcomes=dict(joiner.stats),
             psi=dict(self._drift.latest_psi), drift_alarms=len(self._drift.events))
 
     def event_time(self) -> float:
@@ -389,8 +391,7 @@ class StreamSession:
                 self._drift_count and time.monotonic() - self._drift_at >= DRIFT_EVERY_SECONDS):
             result.drift = self.flush_drift()
         for dead in result.dead_letters:
-            self.dead_letters[dead.reason] += 1
-        self.events.update(result.events)
+            self._dead_letters[dead.reason] += 1
 
 
 class _OpsBuilder:

@@ -24,15 +24,17 @@ def dumps(theta: Theta) -> bytes:
     return buf.getvalue()
 
 
-def loads(payload: bytes, like: Theta | None = None) -> Theta:
-    """Decode a snapshot; with ``like``, insist on the same parameters and shapes."""
+def loads(payload: bytes, like: Theta | None = None,
+          shapes: dict[str, tuple[int, ...]] | None = None) -> Theta:
+    """Decode a snapshot; with ``like`` (or its ``shapes``), insist on the same
+    parameters and shapes."""
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             theta = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
     except (ValueError, OSError, KeyError) as exc:
         raise SnapshotError(f"not a model snapshot: {exc}") from exc
-    if like is not None:
-        expected = {k: tuple(v.shape) for k, v in like.items()}
+    expected = shapes if like is None else {k: tuple(v.shape) for k, v in like.items()}
+    if expected is not None:
         got = {k: tuple(v.shape) for k, v in theta.items()}
         if expected != got:
             raise SnapshotError(f"snapshot shapes {got} do not match this config {expected}")

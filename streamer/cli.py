@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from streamer import kafka_io
 from streamer.config import LEAVES, Settings
@@ -76,6 +77,19 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings.of(**{k: v for k, v in vars(args).items() if k in LEAVES})
 
 
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, named as the user sets it (flag and variable)."""
+    by_path = {leaf.path: leaf for leaf in LEAVES.values()}
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(part) for part in error["loc"])
+        leaf = by_path.get(loc)
+        where = ".".join(loc) if leaf is None else \
+            f"{FLAG_NAMES.get(leaf.name, '--' + leaf.name.replace('_', '-'))} ({leaf.env})"
+        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metarec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_of(args)
     except ValidationError as exc:
-        print(f"metarec: invalid settings:\n{exc}", file=sys.stderr)
+        print("metarec: invalid settings:\n" + "\n".join(settings_errors(exc)), file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a METAREC_ variable that cannot be read at all
+        print(f"metarec: invalid settings in the environment: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(settings.ops.torch_threads)
     try:

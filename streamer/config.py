@@ -8,11 +8,13 @@ made from its field name and its section's prefix (``meta_`` for the
 meta-learner, ``drift_`` for drift, ``replay_`` for replay), so ``--inner-steps 3``
 and ``METAREC_INNER_STEPS=3`` set ``session.learner.model.inner_steps``. A flag
 wins over the environment, which wins over the default; the nested form
-``METAREC_SESSION__LEARNER__MODEL__INNER_STEPS`` works as well.
+``METAREC_SESSION__LEARNER__MODEL__INNER_STEPS`` works as well (the flat name wins
+if both are set). Names are case-insensitive.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +32,11 @@ from pydantic_settings import (
 from metarec.drift import DriftConfig
 from metarec.meta import MetaConfig
 from metarec.session import SessionConfig
+from streamer.errors import ConfigError
 
 ENV_PREFIX = "METAREC_"
+#: Kafka's default of 500 ms throttles a consumer of small fetches
+FETCH_MAX_WAIT_MS = 10
 
 
 class KafkaSettings(BaseModel):
@@ -51,8 +56,9 @@ class KafkaSettings(BaseModel):
         "about half of it on first start")
     poll_timeout_ms: int = Field(200, ge=1, description="how long a poll waits for records")
     fetch_max_wait_ms: int = Field(
-        10, ge=0, description="how long the broker may hold a fetch to fill it (Kafka's "
-        "default of 500 ms throttles a consumer of small fetches)")
+        FETCH_MAX_WAIT_MS, ge=0, description="how long the broker may hold a group "
+        "member's fetch to fill it (Kafka's default of 500 ms throttles a consumer of small "
+        "fetches)")
     max_batch_wait_ms: int = Field(
         1000, ge=0, description="run: learn a micro-batch short of max_batch_records once its "
         "first event has waited this long (micro-batch size moves θ's steps: whole ones "
@@ -84,6 +90,11 @@ class ReplaySettings(BaseModel):
     models_out: str | None = Field(None, description="replay: write model versions to a "
                                    "directory, or to kafka:TOPIC")
     drift_out: Path | None = Field(None, description="replay: write drift alarms (JSONL)")
+
+    def event_times(self) -> tuple[float, float]:
+        """The event-time range of ``--from``/``--to`` ([-inf, inf) without them)."""
+        return (-math.inf if self.from_time is None else self.from_time,
+                math.inf if self.to_time is None else self.to_time)
 
 
 class PublishSettings(BaseModel):
@@ -160,7 +171,9 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """Flat names and values as the nested mapping :class:`Settings` takes."""
     out: dict[str, Any] = {}
     for name, value in flat.items():
-        leaf = LEAVES[name]
+        leaf = LEAVES.get(name)
+        if leaf is None:
+            raise ConfigError(f"no setting is named {name!r}")
         node = out
         for part in leaf.path[:-1]:
             node = node.setdefault(part, {})
@@ -175,8 +188,10 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
         return None, field_name, False  # the whole mapping comes from __call__
 
     def __call__(self) -> dict[str, Any]:
-        return nest({name: os.environ[leaf.env] for name, leaf in LEAVES.items()
-                     if leaf.env in os.environ})
+        # case-insensitive, as pydantic-settings reads the nested form
+        env = {key.upper(): value for key, value in os.environ.items()
+               if key.upper().startswith(ENV_PREFIX)}
+        return nest({name: env[leaf.env] for name, leaf in LEAVES.items() if leaf.env in env})
 
 
 class Settings(BaseSettings):

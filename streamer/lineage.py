@@ -1,10 +1,11 @@
 """Which model a process starts from, and how its versions are numbered.
 
-A process loads the newest version on the model topic if that version was made
-with a configuration of the same layout (its manifest's ``config_hash``), and
-continues its lineage. Otherwise it starts from a fresh initialisation, as a new
-lineage (parent none) numbered after the newest version of any lineage: loaders
-keep the highest number, so an old lineage can never shadow the new one.
+A process continues the newest version on the model topic of its own layout
+(its manifest's ``config_hash``: θ's width and table sizes), even if a version
+of another layout came after it (a rolled-back configuration). With none, it
+starts from a fresh initialisation, as a new lineage (parent none). Either way
+its versions are numbered after the newest version of any lineage: loaders keep
+the highest number, so an old lineage can never shadow the new one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from metarec import snapshot
 from metarec.learner import LearnerConfig
-from metarec.model import Theta, init_theta
+from metarec.model import Theta, theta_shapes
 from metarec.session import config_hash
 from streamer.errors import SourceError
 from streamer.model_topic import read_versions
@@ -33,26 +34,34 @@ class Start:
 
 
 def newest(bootstrap: str, topic: str, config: LearnerConfig) -> Start:
-    """The start of ``run``: the newest version if it fits, else a fresh lineage."""
-    found = read_versions(bootstrap, topic).newest
-    if found is None:
+    """The start of ``run``: the newest version of this layout (config hash), else
+    the newest whose shapes fit (a version published before hashes named the
+    layout), else a fresh lineage; numbered after the newest version of any."""
+    found = read_versions(bootstrap, topic)
+    if found.newest is None:
         log.info("no model version on %s: starting from a fresh initialisation", topic)
         return Start()
-    m, ours = found.manifest, config_hash(config)
-    if m.config_hash != ours:
-        log.warning("model version %d was made with config hash %s, this configuration's is "
-                    "%s (another layout: dim or feature hashing): starting a fresh lineage, "
-                    "its first version %d", m.version, m.config_hash, ours, m.version + 1)
-        return Start(last_version=m.version)
-    try:
-        theta = snapshot.loads(found.payload, like=init_theta(config.model, config.seed))
-    except snapshot.SnapshotError as exc:
-        log.error("model version %d does not load (%s): starting a fresh lineage, its first "
-                  "version %d", m.version, exc, m.version + 1)
-        return Start(last_version=m.version)
-    log.info("loaded model version %d (%s, %d bytes) from %s", m.version, m.algorithm, m.size,
-             topic)
-    return Start(theta, m.version, m.version)
+    last, ours = found.newest.manifest.version, config_hash(config)
+    candidates = [found.by_hash[ours]] if ours in found.by_hash else sorted(
+        found.by_hash.values(), key=lambda v: -v.manifest.version)
+    for loaded in candidates:
+        m = loaded.manifest
+        try:
+            theta = snapshot.loads(loaded.payload, shapes=theta_shapes(config.model))
+        except snapshot.SnapshotError as exc:
+            log.info("model version %d does not load into this configuration: %s", m.version,
+                     exc)
+            continue
+        if m.config_hash != ours:
+            log.warning("model version %d has config hash %s, not this layout's %s, but its "
+                        "shapes fit: continuing it", m.version, m.config_hash, ours)
+        log.info("loaded model version %d (%s, %d bytes) from %s; the next version is %d",
+                 m.version, m.algorithm, m.size, topic, last + 1)
+        return Start(theta, last, m.version)
+    log.warning("no model version on %s is of this layout (config hash %s; the newest, %d, "
+                "is %s): starting a fresh lineage, its first version %d", topic, ours, last,
+                found.newest.manifest.config_hash, last + 1)
+    return Start(last_version=last)
 
 
 def exact(bootstrap: str, topic: str, version: int, config: LearnerConfig) -> Start:
@@ -60,13 +69,11 @@ def exact(bootstrap: str, topic: str, version: int, config: LearnerConfig) -> St
     found = read_versions(bootstrap, topic, want=version).newest
     if found is None:
         raise SourceError(f"model version {version} is not on {topic} (complete and intact)")
-    m, ours = found.manifest, config_hash(config)
-    if m.config_hash != ours:
-        raise SourceError(f"model version {version} was made with config hash "
-                          f"{m.config_hash}, this configuration's is {ours}: set the same dim "
-                          "and feature hashing as the run that made it")
     try:
-        theta = snapshot.loads(found.payload, like=init_theta(config.model, config.seed))
+        theta = snapshot.loads(found.payload, shapes=theta_shapes(config.model))
     except snapshot.SnapshotError as exc:
-        raise SourceError(f"model version {version}: {exc}") from exc
-    return Start(theta, m.version, m.version)
+        raise SourceError(f"model version {version} (config hash "
+                          f"{found.manifest.config_hash}) does not fit this configuration "
+                          f"(config hash {config_hash(config)}): set the dim and table sizes "
+                          f"of the run that made it ({exc})") from exc
+    return Start(theta, version, version)

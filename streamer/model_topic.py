@@ -30,6 +30,7 @@ from kafka import KafkaProducer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec.snapshot import SCHEMA
+from streamer.errors import ModelTopicError
 from streamer.kafka_io import MAX_MESSAGE_BYTES, read_range
 
 CHUNK_BYTES = 900_000
@@ -124,7 +125,7 @@ def publish(producer: KafkaProducer, topic: str, payload: bytes, *, version: int
 
 def _check_size(key: bytes, value: bytes) -> None:
     if len(key) + len(value) + 64 > MAX_MESSAGE_BYTES:
-        raise ValueError(f"model message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise ModelTopicError(f"model message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")
 
 
 KIND_HEADER = "metarec-kind"
@@ -156,7 +157,7 @@ class Loaded:
 @dataclass
 class VersionAssembler:
     """Feed it the model topic in order; it keeps the newest complete version
-    (or only version ``want``).
+    (or only version ``want``), and the newest of each config hash.
 
     ``rejected`` names the versions that were ours but broken (a chunk missing or
     corrupt); ``skipped`` counts, by reason, the messages that could not be parsed
@@ -165,6 +166,7 @@ class VersionAssembler:
     want: int | None = None
     chunks: dict[int, dict[int, list[bytes]]] = field(default_factory=dict)
     newest: Loaded | None = None
+    by_hash: dict[str, Loaded] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
 
@@ -222,8 +224,12 @@ class VersionAssembler:
                 or manifest.schema != SCHEMA):
             self.rejected[version] = "payload size, checksum or schema mismatch"
             return
+        loaded = Loaded(manifest, payload)
         if self.newest is None or manifest.version > self.newest.manifest.version:
-            self.newest = Loaded(manifest, payload)
+            self.newest = loaded
+        same = self.by_hash.get(manifest.config_hash)
+        if same is None or manifest.version > same.manifest.version:
+            self.by_hash[manifest.config_hash] = loaded
         for old in [v for v in self.chunks if v <= version]:
             del self.chunks[old]  # leftovers of abandoned versions
 
@@ -232,7 +238,8 @@ def read_versions(bootstrap_servers: str, topic: str, *,
                   want: int | None = None) -> VersionAssembler:
     """Read the whole model topic (no consumer group, nothing committed)."""
     assembler = VersionAssembler(want)
-    for poll in read_range(bootstrap_servers, topic, max_records=500, missing_ok=True):
+    for poll in read_range(bootstrap_servers, topic, max_records=500, missing_ok=True,
+                           headers=True):
         for rec in poll.records:
             assembler.add(rec.key, rec.value, rec.headers)
     for version, why in assembler.rejected.items():

@@ -45,6 +45,11 @@ class DirectorySink:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
+    def newest(self) -> int | None:
+        """The highest version already in the directory (None: none)."""
+        found = [int(p.stem[1:]) for p in self.directory.glob("v*.json") if p.stem[1:].isdigit()]
+        return max(found, default=None)
+
     def write(self, payload: bytes, *, version: int, parent: int | None, algorithm: str,
               config_hash: str, examples_learned: int) -> Manifest:
         manifest, _ = messages(payload, version=version, parent=parent, algorithm=algorithm,

@@ -28,8 +28,8 @@ from streamer.config import Settings
 from streamer.errors import SourceError
 from streamer.kafka_io import TopicPoll, TopicRange
 from streamer.loop import Poll, Source, stream
+from streamer.model_topic import read_versions
 from streamer.publishing import DirectorySink, ModelSink, Publisher, TopicSink
-from streamer.runner import event_times
 from streamer.sinks import DriftFile, ModelVersions, PredictionLog, ProgressLine, Sink
 from streamer.sources import batched, read_source, read_topic_batches
 from streamer.warmup import warm_up
@@ -81,19 +81,24 @@ def _start(settings: Settings) -> lineage.Start:
                          settings.session.learner)
 
 
-def _model_sink(settings: Settings, stack: ExitStack) -> ModelSink | None:
+def _model_sink(settings: Settings, stack: ExitStack) -> tuple[ModelSink, int | None] | None:
+    """Where ``--models-out`` goes, and the newest version already there (the
+    replay's versions are numbered after it, so none is shadowed or overwritten)."""
     target, bootstrap = settings.replay.models_out, settings.kafka.bootstrap_servers
     if target is None:
         return None
     if not target.startswith("kafka:"):
-        return DirectorySink(Path(target))
+        sink = DirectorySink(Path(target))
+        return sink, sink.newest()
     if bootstrap is None:
         raise SourceError("--models-out kafka:TOPIC needs --bootstrap-servers")
     topic = target.removeprefix("kafka:")
     kafka_io.ensure_topics(bootstrap, settings.kafka.model_copy(update={"model_topic": topic}))
     prod = kafka_io.producer(bootstrap)
     stack.callback(prod.close)
-    return TopicSink(prod, topic, settings.publish.model_chunk_bytes)
+    newest = read_versions(bootstrap, topic).newest
+    return (TopicSink(prod, topic, settings.publish.model_chunk_bytes),
+            None if newest is None else newest.manifest.version)
 
 
 class RecordSource:
@@ -114,13 +119,14 @@ class RecordSource:
         pass
 
 
-class TopicRangeSource(RecordSource):
+class TopicRangeSource:
     """A topic range, without a consumer group: every partition holds the merge
     back from the start, and one is at its end only once its last records are in."""
 
+    finite = True
+
     def __init__(self, polls: Iterable[TopicPoll], batch: int):
-        super().__init__((), batch)
-        self.topic_polls = polls
+        self.topic_polls, self.batch = polls, batch
 
     def polls(self, session: StreamSession) -> Iterator[Poll]:
         none: frozenset[int] = frozenset()
@@ -129,6 +135,12 @@ class TopicRangeSource(RecordSource):
             for i, chunk in enumerate(chunks):
                 yield Poll(chunk, poll.at_end if i == len(chunks) - 1 else none,
                            poll.partitions)
+
+    def processed(self, session: StreamSession) -> None:
+        pass
+
+    def close(self, session: StreamSession) -> None:
+        pass
 
 
 class Paced:
@@ -171,7 +183,7 @@ def _source(source: str, s: Settings) -> Source:
         found = TopicRangeSource(read_topic_batches(bootstrap, source.removeprefix("kafka:"),
                                                     rng), batch)
     else:
-        found = RecordSource(read_source(source, bootstrap=bootstrap, topic_range=rng), batch)
+        found = RecordSource(read_source(source), batch)
     return found if r.speed is None else Paced(found, r.speed)
 
 
@@ -203,13 +215,15 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         start = _start(s)
         # no wall clock: the same records give the same log, however fast they come
         session = StreamSession(s.session, start.theta, keep_all=True, wall_clock=False,
-                                event_times=event_times(s))
+                                event_times=s.replay.event_times())
         sinks: list[Sink] = []
-        model_sink = _model_sink(s, stack)
+        target = _model_sink(s, stack)
         publisher = None
-        if model_sink is not None:
-            publisher = Publisher(model_sink, s.publish.publish_every,
-                                  last_version=start.last_version, parent=start.parent)
+        if target is not None:
+            sink, there = target
+            last = max((v for v in (start.last_version, there) if v is not None), default=None)
+            publisher = Publisher(sink, s.publish.publish_every, last_version=last,
+                                  parent=start.parent)
             sinks.append(ModelVersions(publisher))
         if s.ops.predictions_out is not None:
             sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("w"))))

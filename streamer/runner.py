@@ -10,7 +10,6 @@ exit 0.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -70,9 +69,9 @@ class Runner:
         s, k = self.settings, self.settings.kafka
         kafka_io.ensure_topics(self.bootstrap, k)
         start = lineage.newest(self.bootstrap, k.model_topic, s.session.learner)
-        if start.last_version is not None:
-            self.metrics.model_version.set(start.last_version)
-        session = StreamSession(s.session, start.theta, event_times=event_times(s))
+        if start.parent is not None:
+            self.metrics.model_version.set(start.parent)
+        session = StreamSession(s.session, start.theta, event_times=s.replay.event_times())
         warm_up(s.session)  # before joining the group: the first batch is then like the rest
         with ExitStack() as stack:
             prod = kafka_io.producer(self.bootstrap)
@@ -90,7 +89,7 @@ class Runner:
                                   background=True, on_published=self._published)
 
             def lag() -> str:
-                return f"lag {source.lag()} | model v{publisher.version or '-'}"
+                return f"lag {source.lag()} | model v{publisher.parent or '-'}"
 
             sinks: list[Sink] = [
                 DeadLetterTopic(prod, k.dlq_topic),
@@ -103,7 +102,6 @@ class Runner:
                 # appended: a restart must not erase what the last run logged
                 sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("a"))))
             stream(session, source, sinks)
-            prod.flush()
         status = session.status()
         first, last = source.first_record_at, source.last_batch_at
         return RunSummary(
@@ -119,9 +117,3 @@ class Runner:
         self.metrics.published.inc()
         self.metrics.published_timestamp.set(manifest.created_at)
 
-
-def event_times(settings: Settings) -> tuple[float, float]:
-    """The event-time range of ``--from``/``--to`` ([-inf, inf) without them)."""
-    r = settings.replay
-    return (-math.inf if r.from_time is None else r.from_time,
-            math.inf if r.to_time is None else r.to_time)

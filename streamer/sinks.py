@@ -24,9 +24,13 @@ log = logging.getLogger("metarec.sinks")
 
 
 class Sink(Protocol):
-    def write(self, out: SessionOutput, session: StreamSession) -> None: ...
+    def write(self, out: SessionOutput, session: StreamSession) -> None:
+        """Take one output. What must not be committed past (dead letters) is
+        acknowledged before this returns."""
 
-    def close(self, session: StreamSession) -> None: ...
+    def close(self, session: StreamSession) -> None:
+        """The end of the stream: make all it wrote durable (flush, wait for the
+        broker); the source's last commit comes after every sink closed."""
 
 
 class PredictionLog:
@@ -85,7 +89,7 @@ class DriftTopic:
                                value=drift_json(event).encode())
 
     def close(self, session: StreamSession) -> None:
-        self.producer.flush()  # before the last commit
+        self.producer.flush()
 
 
 class DeadLetterTopic:
@@ -101,7 +105,7 @@ class DeadLetterTopic:
             fut.get(timeout=30)
 
     def close(self, session: StreamSession) -> None:
-        pass
+        self.producer.flush()
 
 
 class ModelVersions:

@@ -67,9 +67,9 @@ def check_source(name: str) -> None:
         _open_parquet(path).close()
 
 
-def read_source(name: str, *, bootstrap: str | None = None,
-                topic_range: TopicRange | None = None) -> Iterator[Record]:
-    """Records of a source, in its order, keyed by user id where one is known."""
+def read_source(name: str) -> Iterator[Record]:
+    """Records of a dataset or a file, in its order, keyed by user id where one is
+    known (a topic is read by :func:`read_topic_batches`)."""
     if name == "movielens-100k":
         yield from (Record(value, key) for key, value in movielens.json_events())
         return
@@ -77,10 +77,7 @@ def read_source(name: str, *, bootstrap: str | None = None,
         yield from (_record(e) for e in SyntheticStream().events())
         return
     if name.startswith("kafka:"):
-        if bootstrap is None:
-            raise SourceError("a kafka: source needs --bootstrap-servers")
-        yield from read_topic(bootstrap, name.removeprefix("kafka:"), topic_range or TopicRange())
-        return
+        raise SourceError(f"{name}: a topic is a source of replay only")
     check_source(name)
     path = Path(name)
     if path.suffix.lower() == ".csv":
@@ -344,12 +341,6 @@ def _jsonable(value: Any) -> Any:
 
 # json.dumps with a default= builds an encoder per call
 _to_json = json.JSONEncoder(default=_jsonable).encode
-
-
-def read_topic(bootstrap: str, topic: str, rng: TopicRange) -> Iterator[Record]:
-    """The records of a topic range, one after another."""
-    for poll in read_topic_batches(bootstrap, topic, rng):
-        yield from poll.records
 
 
 def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange) -> Iterator[TopicPoll]:

@@ -17,13 +17,10 @@ def warm_up(config: SessionConfig) -> None:
     compiled kernels: some 300,000 objects) out of the garbage collector's reach:
     otherwise each full collection walks them all, every few seconds, and stalls
     the event-to-update latency."""
-    learner = config.learner
-    small = config.model_copy(update={"learner": learner.model_copy(update={
-        "model": learner.model.model_copy(update={"features": learner.model.features.model_copy(
-            update={"item_buckets": 256, "feature_buckets": 256})}),
-        "meta": learner.meta.model_copy(update={"every_examples": 50, "users_per_update": 8}),
-    })})
-    session = StreamSession(small)
+    small = config.model_dump()
+    small["learner"]["model"]["features"].update(item_buckets=256, feature_buckets=256)
+    small["learner"]["meta"].update(every_examples=50, users_per_update=8)
+    session = StreamSession(SessionConfig.model_validate(small))
     events = SyntheticStream(users=8, items=20, events_per_user=20).events()
     records = [Record(json.dumps(e).encode()) for e in events]
     for start in range(0, len(records), 50):

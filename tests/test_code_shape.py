@@ -124,13 +124,22 @@ def test_the_learning_core_never_imports_kafka_or_the_cli(path: Path) -> None:
     assert found == [], "\n".join(found)
 
 
+#: private names of third-party code read on purpose, each to work round a bug
+#: that its docstring names (and tested)
+THIRD_PARTY_WORKAROUNDS = {
+    # kafka-python 3.0.12 strands resumed partitions: streamer.kafka_io.poll
+    ("streamer/kafka_io.py", "fetcher._next_partition_records"),
+}
+
+
 def test_modules_read_only_each_others_public_names() -> None:
     """A leading underscore says "may change without notice": a module that reaches
     into another's private names breaks when that one is refactored, so what is
     shared is given a public name (or a method) instead."""
     found = [f"{where(path, node)} reads {what}"
              for path in sources(*PACKAGES)
-             for node, what in private_reads(parse(path))]
+             for node, what in private_reads(parse(path))
+             if (str(path.relative_to(ROOT)), what) not in THIRD_PARTY_WORKAROUNDS]
     assert found == [], "\n".join(found)
 
 

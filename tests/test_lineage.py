@@ -36,14 +36,14 @@ def model_topic(broker: EmbeddedBroker) -> str:
 
 
 def publish_versions(broker: EmbeddedBroker, topic: str, settings: Settings,
-                     versions: range) -> None:
+                     versions: range, hash_: str | None = None) -> None:
     config = settings.session.learner
     payload = snapshot.dumps(init_theta(config.model, config.seed))
     prod = kafka_io.producer(broker.bootstrap)
     try:
         for v in versions:
             publish(prod, topic, payload, version=v, parent=v - 1 or None, algorithm="reptile",
-                    config_hash=config_hash(config), examples_learned=100 * v)
+                    config_hash=hash_ or config_hash(config), examples_learned=100 * v)
         prod.flush()
     finally:
         prod.close()
@@ -76,6 +76,28 @@ def test_another_layout_starts_a_fresh_lineage_after_the_newest_version(
     assert start.theta is None
     assert (start.last_version, start.parent) == (3, None)
     assert "starting a fresh lineage, its first version 4" in caplog.text
+
+
+def test_a_rolled_back_configuration_continues_its_own_newest_version(
+        broker: EmbeddedBroker) -> None:
+    topic = model_topic(broker)
+    publish_versions(broker, topic, small_settings(), range(1, 4))
+    publish_versions(broker, topic, small_settings(dim=16), range(4, 5))
+    start = lineage.newest(broker.bootstrap, topic, small_settings().session.learner)
+    assert start.theta is not None
+    assert (start.last_version, start.parent) == (4, 3)
+
+
+def test_a_version_from_before_layout_hashes_is_continued_if_its_shapes_fit(
+        broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """Versions published before the hash named the layout carry a hash of the whole
+    configuration: an upgrade must not throw the model away."""
+    topic = model_topic(broker)
+    publish_versions(broker, topic, small_settings(), range(1, 3), hash_="57a19e0f11223344")
+    start = lineage.newest(broker.bootstrap, topic, small_settings().session.learner)
+    assert start.theta is not None
+    assert (start.last_version, start.parent) == (2, 2)
+    assert "but its shapes fit" in caplog.text
 
 
 def test_replay_from_a_version_of_another_layout_is_a_clear_error(

@@ -9,8 +9,9 @@ from metarec.drift import DriftConfig
 from metarec.joiner import JoinConfig
 from metarec.meta import MetaConfig
 from metarec.session import SessionConfig
-from streamer.cli import build_parser, settings_of
+from streamer.cli import build_parser, main, settings_of
 from streamer.config import LEAVES, Settings
+from streamer.errors import ConfigError
 
 
 def test_every_setting_of_the_core_has_a_flag_on_run_and_replay() -> None:
@@ -65,3 +66,30 @@ def test_defaults_and_descriptions_are_those_of_the_core_models() -> None:
 def test_an_invalid_value_is_refused_with_the_setting_named() -> None:
     with pytest.raises(ValueError, match="min_task"):
         Settings.of(meta_min_task=1)
+
+
+def test_a_lowercase_variable_is_read_as_the_nested_form_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("metarec_inner_steps", "4")
+    assert Settings().session.learner.model.inner_steps == 4
+
+
+def test_an_invalid_setting_is_named_by_its_flag_and_variable(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", "synthetic", "--meta-min-task", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--meta-min-task (METAREC_META_MIN_TASK): Input should be greater than or equal " \
+        "to 2 (got 1)" in err
+    assert "Traceback" not in err
+
+
+def test_a_section_variable_that_is_not_json_is_one_line_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("METAREC_SESSION", "{not json")
+    assert main(["replay", "synthetic"]) == 2
+    assert capsys.readouterr().err.startswith("metarec: invalid settings in the environment")
+
+
+def test_an_unknown_setting_name_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="no setting is named 'inner_stepz'"):
+        Settings.of(inner_stepz=3)
