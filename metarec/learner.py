@@ -122,21 +122,3 @@ class OnlineLearner:
     @property
     def meta_updates(self) -> int:
         return self.meta.updates
-
-    @property
-    def since_meta(self) -> int:
-        """Labels learned since the last meta-update."""
-        return self.meta.schedule.since
-
-    @since_meta.setter
-    def since_meta(self, labels: int) -> None:
-        self.meta.schedule.since = labels
-
-    @property
-    def last_meta(self) -> float:
-        """``time.monotonic()`` of the last meta-update."""
-        return self.meta.schedule.last
-
-    @last_meta.setter
-    def last_meta(self, when: float) -> None:
-        self.meta.schedule.last = when

@@ -96,7 +96,7 @@ class Runner:
                 DriftTopic(prod, k.drift_topic, s.ops.log_every_seconds),
                 ModelVersions(publisher, self.metrics.meta_timestamp.set_to_current_time),
                 MetricsSink(self.metrics),
-                ProgressLine(s.ops.log_every_seconds, log, tty=False, extra=lag),
+                ProgressLine(s.ops.log_every_seconds, log, tty=False, extra=lag, rate=False),
             ]
             if s.ops.predictions_out is not None:
                 # appended: a restart must not erase what the last run logged

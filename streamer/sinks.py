@@ -148,11 +148,14 @@ class MetricsSink:
 class ProgressLine:
     """A progress line every ``every`` seconds: on a terminal one line rewritten
     in place (with an ETA when ``total`` records are known), elsewhere log lines;
-    ``extra`` adds what the source knows (a consumer's lag)."""
+    ``extra`` adds what the source knows (a consumer's lag). The rate is over the
+    whole stream: a live run, which waits for records, leaves it out (``rate``)."""
 
     def __init__(self, every: float, logger: logging.Logger, *, total: int | None = None,
-                 tty: bool | None = None, extra: Callable[[], str] | None = None):
+                 tty: bool | None = None, extra: Callable[[], str] | None = None,
+                 rate: bool = True):
         self.every, self.log, self.total, self.extra = every, logger, total, extra
+        self.rate = rate
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.t0 = self.last = time.perf_counter()
         self.done = 0
@@ -172,7 +175,8 @@ class ProgressLine:
         if self.total:
             left = max(self.total - self.done, 0) / max(rate, 1e-9)
             eta = f" {100 * self.done / self.total:5.1f}% ETA {left:4.0f} s"
-        text = (f"records {self.done}{eta} | {rate:,.0f} events/s | labelled "
+        speed = f" | {rate:,.0f} events/s" if self.rate else ""
+        text = (f"records {self.done}{eta}{speed} | labelled "
                 f"{s.examples_learned} | dead letters {sum(s.dead_letters.values())} | users "
                 f"{s.users} | pending {s.pending_impressions} | meta-updates {s.meta_updates} | "
                 f"window logloss {loss:.4f} AUC {auc:.4f} | drift alarms {s.drift_alarms}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.events import Impression
 from metarec.learner import LEARN, PREDICT, OnlineLearner
+from metarec.meta.schedule import MetaSchedule
 from metarec.session import StreamSession
 from tests.helpers import as_record, records, small_settings
 from tests.reference import encode
@@ -104,17 +106,19 @@ def test_k_counts_the_labels_a_user_had_given_before() -> None:
 
 
 def test_meta_update_is_due_after_n_labels_or_t_seconds() -> None:
-    by_count = OnlineLearner(small_settings(meta_every=3).session.learner)
-    by_count.since_meta = 2
-    assert not by_count.meta_due
-    by_count.since_meta = 3
-    assert by_count.meta_due
-    by_time = OnlineLearner(small_settings(meta_every=10**6,
-                                           meta_every_seconds=0.05).session.learner)
-    by_time.since_meta = 1
-    assert not by_time.meta_due
-    by_time.last_meta -= 0.06
-    assert by_time.meta_due
+    by_count = MetaSchedule(every_examples=3, every_seconds=None)
+    by_count.count(2)
+    assert not by_count.due
+    by_count.count(1)
+    assert by_count.due
+    by_count.restart()
+    assert not by_count.due
+    by_time = MetaSchedule(every_examples=10**6, every_seconds=0.05)
+    assert not by_time.due  # no label yet: nothing to meta-learn from
+    by_time.count(1)
+    assert not by_time.due
+    time.sleep(0.06)
+    assert by_time.due
 
 
 def test_recent_labels_weigh_more_than_old_ones() -> None:
