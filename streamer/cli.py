@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kafka.errors import KafkaError
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -33,6 +34,7 @@ from streamer.embedded import EmbeddedBroker
 from streamer.errors import SourceError
 from streamer.metrics import Metrics
 from streamer.model_topic import read_versions
+from streamer.runner import EXIT_KAFKA, Runner
 from streamer.sources import check_source, read_source
 
 log = logging.getLogger("metarec")
@@ -149,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as exc:
         print(f"metarec: {exc}", file=sys.stderr)
         return 2
+    except KafkaError as exc:  # unreachable or refusing: an operational failure
+        print(f"metarec: Kafka failed ({type(exc).__name__}: {exc}); nothing past the last "
+              "commit was committed", file=sys.stderr)
+        return EXIT_KAFKA
 
 
 def _require_bootstrap(settings: Settings) -> str:
@@ -181,8 +187,6 @@ def _metrics_port_message(host: str, port: int, exc: OSError) -> str:
 
 
 def cmd_run(settings: Settings) -> int:
-    from streamer.runner import Runner
-
     # before any broker or consumer starts: a second run on a host must not join the
     # group (and take partitions) only to fail once it has them
     ops = settings.ops

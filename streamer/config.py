@@ -123,6 +123,10 @@ class OperationSettings(BaseModel):
         "movielens-100k", description="with the embedded broker, stream this source into the "
         "events topic (empty: none)")
     log_every_seconds: float = Field(5.0, gt=0, description="progress log interval")
+    shutdown_timeout_seconds: float = Field(
+        30.0, gt=0, description="run: after SIGTERM/SIGINT, exit within this long even if "
+        "Kafka cannot take the last model version or commit (exit code 3; the records "
+        "since the last commit are read again)")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the tensors are "
                                "small; more threads mostly contend with the Kafka client)")
 

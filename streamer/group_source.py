@@ -165,10 +165,13 @@ class GroupSource(ConsumerRebalanceListener):
         if not offsets or offsets == self._committed:
             return
         try:
-            self.consumer.commit(offsets)
+            # bounded: with the broker gone, learning goes on (nothing is committed)
+            self.consumer.commit(offsets, timeout_ms=self.kafka.session_timeout_ms)
             self._committed = offsets
+            self.metrics.commits_ok.set(1)
         except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
             log.warning("offset commit failed, will retry with the next batch: %s", exc)
+            self.metrics.commits_ok.set(0)
 
 
 def _caught_up(cons: KafkaConsumer, assigned: set[TopicPartition]) -> set[int]:

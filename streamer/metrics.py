@@ -107,6 +107,10 @@ class Metrics:
                                     "and segment", ["signal", "segment"], registry=r)
         self.psi = Gauge("metarec_drift_psi", "Latest population stability index against the "
                          "reference window", ["signal", "segment"], registry=r)
+        self.commits_ok = Gauge("metarec_kafka_commit_ok", "1 while this member's last "
+                                "offset commit succeeded, 0 since one failed (broker "
+                                "unreachable, or a rebalance in progress)", registry=r)
+        self.commits_ok.set(1)  # no commit has failed yet
         for reason in REJECT_REASONS:  # export zeros so rate() works from the start
             self.dead.labels(reason)
         self._join_seen: dict[str, int] = {}

@@ -4,13 +4,17 @@ The loop (:mod:`streamer.loop`) over a :class:`~streamer.group_source.GroupSourc
 poll -> session (decode, merge, join, predict, learn, meta-update) -> dead
 letters, drift alarms, predictions, model versions, metrics -> commit.
 SIGTERM/SIGINT finish the current micro-batch, publish the model, commit and
-exit 0.
+exit 0; if that cannot finish within ``shutdown_timeout_seconds`` (Kafka
+unreachable), the process exits with :data:`EXIT_KAFKA` and nothing more is
+committed, so the records since the last commit are read again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import FrameType
@@ -36,6 +40,11 @@ from streamer.warmup import warm_up
 
 log = logging.getLogger("metarec.run")
 
+#: exit code of a run that Kafka stopped: unreachable, refusing, or a shutdown
+#: that could not make its last state durable in time (2 is for bad settings
+#: and input)
+EXIT_KAFKA = 3
+
 
 @dataclass
 class RunSummary:
@@ -56,10 +65,25 @@ class Runner:
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
         if not self.stopping:
-            log.info("stop requested: finishing the current micro-batch")
+            timeout = self.settings.ops.shutdown_timeout_seconds
+            log.info("stop requested: finishing the current micro-batch (at most %.0f s)",
+                     timeout)
+            watchdog = threading.Timer(timeout, self._give_up, (timeout,))
+            watchdog.daemon = True
+            watchdog.start()
         self.stopping = True
         if self._source is not None:
             self._source.request_stop()
+
+    @staticmethod
+    def _give_up(timeout: float) -> None:
+        """The shutdown is stuck on Kafka (a flush, a publish or a commit): leave
+        without committing more, rather than hang until an orchestrator kills us."""
+        log.error("shutdown did not finish within %.0f s (is Kafka reachable?): exiting "
+                  "with code %d without the last commit; the records since the last "
+                  "commit will be read again", timeout, EXIT_KAFKA)
+        logging.shutdown()
+        os._exit(EXIT_KAFKA)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -100,7 +124,8 @@ class Runner:
             ]
             if s.ops.predictions_out is not None:
                 # appended: a restart must not erase what the last run logged
-                sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("a"))))
+                sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("a")),
+                                           live=True))
             stream(session, source, sinks)
         status = session.status()
         first, last = source.first_record_at, source.last_batch_at

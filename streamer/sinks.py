@@ -34,14 +34,17 @@ class Sink(Protocol):
 
 
 class PredictionLog:
-    """The prediction log (JSONL) into an open file (its opener closes it)."""
+    """The prediction log (JSONL) into an open file (its opener closes it); with
+    ``live``, flushed after every micro-batch, for whoever follows it."""
 
-    def __init__(self, file: IO[str]):
-        self.file = file
+    def __init__(self, file: IO[str], *, live: bool = False):
+        self.file, self.live = file, live
 
     def write(self, out: SessionOutput, session: StreamSession) -> None:
         if len(out.predictions):
             self.file.write(out.predictions.jsonl())
+            if self.live:
+                self.file.flush()
 
     def close(self, session: StreamSession) -> None:
         self.file.flush()
