@@ -93,7 +93,7 @@ class GroupSource(ConsumerRebalanceListener):
             self._commit(session)
 
     def close(self, session: StreamSession) -> None:
-        self._commit(session)
+        self._commit(session, final=True)
 
     def lag(self) -> int | None:
         """Records behind the end of the assigned partitions (brokers may under-report
@@ -157,12 +157,16 @@ class GroupSource(ConsumerRebalanceListener):
     def _commit_due(self, now: float) -> bool:
         return now - self._last_commit >= self.kafka.commit_interval_ms / 1000
 
-    def _commit(self, session: StreamSession) -> None:
+    def _commit(self, session: StreamSession, *, final: bool = False) -> None:
+        """Commit what the session no longer holds; ``final``: a failure raises (the
+        run then exits as a Kafka failure), else the next commit retries."""
         held = session.held_offsets()
         offsets = {tp: OffsetAndMetadata(min(position, held.get(tp.partition, position)), "", -1)
                    for tp, position in self._positions.items()}
         self._last_commit = time.monotonic()
         if not offsets or offsets == self._committed:
+            if not offsets:  # nothing owed (no partitions, or all revoked)
+                self.metrics.commits_ok.set(1)
             return
         try:
             # bounded: with the broker gone, learning goes on (nothing is committed)
@@ -170,8 +174,10 @@ class GroupSource(ConsumerRebalanceListener):
             self._committed = offsets
             self.metrics.commits_ok.set(1)
         except KafkaError as exc:  # e.g. a rebalance in progress: the next commit covers it
-            log.warning("offset commit failed, will retry with the next batch: %s", exc)
             self.metrics.commits_ok.set(0)
+            if final:
+                raise
+            log.warning("offset commit failed, will retry with the next batch: %s", exc)
 
 
 def _caught_up(cons: KafkaConsumer, assigned: set[TopicPartition]) -> set[int]:

@@ -62,28 +62,21 @@ class Runner:
         self.metrics = metrics or Metrics()
         self.stopping = False
         self._source: GroupSource | None = None
+        self._watchdog: threading.Timer | None = None
 
     def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
-        if not self.stopping:
-            timeout = self.settings.ops.shutdown_timeout_seconds
-            log.info("stop requested: finishing the current micro-batch (at most %.0f s)",
-                     timeout)
-            watchdog = threading.Timer(timeout, self._give_up, (timeout,))
-            watchdog.daemon = True
-            watchdog.start()
+        """The first signal starts a bounded shutdown; a second one leaves at once."""
+        if self.stopping:
+            _leave("a second stop signal: leaving now")
+        timeout = self.settings.ops.shutdown_timeout_seconds
+        log.info("stop requested: finishing the current micro-batch (at most %.0f s)", timeout)
+        self._watchdog = threading.Timer(timeout, _leave, (
+            f"shutdown did not finish within {timeout:.0f} s (is Kafka reachable?)",))
+        self._watchdog.daemon = True
+        self._watchdog.start()
         self.stopping = True
         if self._source is not None:
             self._source.request_stop()
-
-    @staticmethod
-    def _give_up(timeout: float) -> None:
-        """The shutdown is stuck on Kafka (a flush, a publish or a commit): leave
-        without committing more, rather than hang until an orchestrator kills us."""
-        log.error("shutdown did not finish within %.0f s (is Kafka reachable?): exiting "
-                  "with code %d without the last commit; the records since the last "
-                  "commit will be read again", timeout, EXIT_KAFKA)
-        logging.shutdown()
-        os._exit(EXIT_KAFKA)
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -97,9 +90,28 @@ class Runner:
             self.metrics.model_version.set(start.parent)
         session = StreamSession(s.session, start.theta, event_times=s.replay.event_times())
         warm_up(s.session)  # before joining the group: the first batch is then like the rest
+        try:
+            source, publisher = self._consume(session, start)
+        finally:
+            if self._watchdog is not None:  # the shutdown finished (or failed) in time
+                self._watchdog.cancel()
+        status = session.status()
+        first, last = source.first_record_at, source.last_batch_at
+        return RunSummary(
+            records=status.records,
+            labelled=status.examples_learned,
+            dead_letters=sum(status.dead_letters.values()),
+            versions_published=publisher.published,
+            busy_seconds=last - first if first is not None and last is not None else 0.0,
+        )
+
+    def _consume(self, session: StreamSession, start: lineage.Start
+                 ) -> tuple[GroupSource, Publisher]:
+        """The group member's loop, its clients closed at the end."""
+        s, k = self.settings, self.settings.kafka
         with ExitStack() as stack:
             prod = kafka_io.producer(self.bootstrap)
-            stack.callback(prod.close)
+            stack.callback(prod.close, timeout=s.ops.shutdown_timeout_seconds)
             cons = kafka_io.group_consumer(self.bootstrap, k, s.session.max_batch_records)
             stack.callback(cons.close)
             source = self._source = GroupSource(
@@ -127,18 +139,19 @@ class Runner:
                 sinks.append(PredictionLog(stack.enter_context(s.ops.predictions_out.open("a")),
                                            live=True))
             stream(session, source, sinks)
-        status = session.status()
-        first, last = source.first_record_at, source.last_batch_at
-        return RunSummary(
-            records=status.records,
-            labelled=status.examples_learned,
-            dead_letters=sum(status.dead_letters.values()),
-            versions_published=publisher.published,
-            busy_seconds=last - first if first is not None and last is not None else 0.0,
-        )
+        return source, publisher
 
     def _published(self, manifest: Manifest) -> None:
         self.metrics.model_version.set(manifest.version)
         self.metrics.published.inc()
         self.metrics.published_timestamp.set(manifest.created_at)
 
+
+def _leave(why: str) -> None:
+    """Exit now with :data:`EXIT_KAFKA`, committing nothing more (the records since
+    the last commit are read again): the shutdown is stuck on Kafka (a flush, a
+    publish or a commit), or the operator insists. Written straight to stderr: a
+    logging lock held by a stuck thread must not keep the process alive."""
+    os.write(2, f"metarec: {why}: exiting with code {EXIT_KAFKA} without the last commit; "
+                "the records since the last commit will be read again\n".encode())
+    os._exit(EXIT_KAFKA)

@@ -19,8 +19,9 @@ from tests.helpers import as_record, small_settings
 T0 = 1_700_000_000
 
 
-def test_sigterm_with_the_broker_down_exits_within_the_shutdown_timeout(
-        tmp_path: Path) -> None:
+def run_until_learned_then_lose_the_broker(tmp_path: Path) -> tuple[subprocess.Popen[bytes],
+                                                                     Path]:
+    """A run that has learned its 500 records, and whose broker is then gone."""
     broker = EmbeddedBroker()
     broker.start()
     log, predictions = tmp_path / "run.log", tmp_path / "predictions.jsonl"
@@ -50,6 +51,12 @@ def test_sigterm_with_the_broker_down_exits_within_the_shutdown_timeout(
                 time.sleep(0.5)
     finally:
         broker.stop()
+    return run, log
+
+
+def test_sigterm_with_the_broker_down_exits_within_the_shutdown_timeout(
+        tmp_path: Path) -> None:
+    run, log = run_until_learned_then_lose_the_broker(tmp_path)
     run.send_signal(signal.SIGTERM)
     start = time.monotonic()
     code = run.wait(timeout=60)
@@ -59,3 +66,15 @@ def test_sigterm_with_the_broker_down_exits_within_the_shutdown_timeout(
     assert took < 5 + 10, took  # the timeout, and the interpreter's own exit
     assert "shutdown did not finish within 5 s" in text or "metarec: Kafka failed" in text
     assert "Traceback" not in text
+
+
+def test_a_second_signal_leaves_at_once(tmp_path: Path) -> None:
+    run, log = run_until_learned_then_lose_the_broker(tmp_path)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    start = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    code = run.wait(timeout=60)
+    assert code == EXIT_KAFKA
+    assert time.monotonic() - start < 3
+    assert "a second stop signal" in log.read_text()
