@@ -79,7 +79,6 @@ class GroupSource(ConsumerRebalanceListener):
             # micro-batches are whole, as in a replay, unless their first event has
             # waited max_batch_wait_ms (a live stream slower than a batch per wait)
             yield Poll(records, _caught_up(cons, assigned),
-                       [tp.partition for tp in assigned],
                        {tp.partition for tp in cons.paused()},
                        flush=session.ready_seconds(now) * 1000 >= k.max_batch_wait_ms)
 

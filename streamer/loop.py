@@ -9,7 +9,6 @@ live one (a consumer-group member) leaves the rest for its next run.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,12 +22,12 @@ from streamer.sinks import Sink
 class Poll:
     """Records of one poll, each partition's in its order. ``caught_up``: the
     partitions at the end of their log (None: one partition, in its own order);
-    ``partitions``: every partition the source reads; ``paused``: those it stopped
-    fetching; ``flush``: learn a micro-batch short of full now."""
+    ``paused``: those it stopped fetching; ``flush``: learn a micro-batch short of
+    full now. A source of several partitions tells the session which exist
+    (:meth:`StreamSession.track`) before they deliver."""
 
     records: Sequence[Record]
     caught_up: Collection[int] | None = None
-    partitions: Collection[int] = ()
     paused: Collection[int] = ()
     flush: bool = False
 
@@ -48,7 +47,6 @@ class Source(Protocol):
 
 def stream(session: StreamSession, source: Source, sinks: Sequence[Sink]) -> None:
     for poll in source.polls(session):
-        session.track(poll.partitions, time.monotonic())
         out = session.process(poll.records, poll.caught_up, flush=poll.flush,
                               paused=poll.paused)
         for sink in sinks:

@@ -101,10 +101,20 @@ def _model_sink(settings: Settings, stack: ExitStack) -> tuple[ModelSink, int | 
             None if newest is None else newest.manifest.version)
 
 
-class RecordSource:
-    """A file or dataset: one partition, in its order, in micro-batches."""
+class _FiniteSource:
+    """A log with an end, read without a consumer group: nothing to commit."""
 
     finite = True
+
+    def processed(self, session: StreamSession) -> None:
+        pass
+
+    def close(self, session: StreamSession) -> None:
+        pass
+
+
+class RecordSource(_FiniteSource):
+    """A file or dataset: one partition, in its order, in micro-batches."""
 
     def __init__(self, records: Iterable[Record], batch: int):
         self.records, self.batch = records, batch
@@ -112,18 +122,10 @@ class RecordSource:
     def polls(self, session: StreamSession) -> Iterator[Poll]:
         return (Poll(chunk) for chunk in batched(self.records, self.batch))
 
-    def processed(self, session: StreamSession) -> None:
-        pass
 
-    def close(self, session: StreamSession) -> None:
-        pass
-
-
-class TopicRangeSource:
-    """A topic range, without a consumer group: every partition holds the merge
-    back from the start, and one is at its end only once its last records are in."""
-
-    finite = True
+class TopicRangeSource(_FiniteSource):
+    """A topic range: every partition holds the merge back from the start, and one
+    is at its end only once its last records are in."""
 
     def __init__(self, polls: Iterable[TopicPoll], batch: int):
         self.topic_polls, self.batch = polls, batch
@@ -131,16 +133,10 @@ class TopicRangeSource:
     def polls(self, session: StreamSession) -> Iterator[Poll]:
         none: frozenset[int] = frozenset()
         for poll in self.topic_polls:
+            session.track(poll.partitions, time.monotonic())
             chunks = list(batched(poll.records, self.batch)) or [[]]
             for i, chunk in enumerate(chunks):
-                yield Poll(chunk, poll.at_end if i == len(chunks) - 1 else none,
-                           poll.partitions)
-
-    def processed(self, session: StreamSession) -> None:
-        pass
-
-    def close(self, session: StreamSession) -> None:
-        pass
+                yield Poll(chunk, poll.at_end if i == len(chunks) - 1 else none)
 
 
 class Paced:
