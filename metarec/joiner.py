@@ -54,9 +54,15 @@ class Scored:
 
 @dataclass(slots=True)
 class Labelled:
+    """A label to learn, and the source offsets of its impression and click
+    (-1: none, or not from a partitioned source)."""
+
     impression: Impression
     label: float
     scored: Scored
+    partition: int = -1
+    offset: int = -1
+    click_offset: int = -1
 
 
 class ClickRelease(enum.StrEnum):
@@ -103,6 +109,11 @@ class _Pending:
     offset: int
     size: int
     clicked: bool = False
+    click_offset: int = -1
+
+    def labelled(self, label: float) -> Labelled:
+        return Labelled(self.impression, label, self.scored, self.partition, self.offset,
+                        self.click_offset)
 
 
 @dataclass
@@ -165,7 +176,7 @@ class Joiner:
             pend = self._pop(imp_id)
             if pend is not None:
                 self.stats["clicked" if pend.clicked else "no_click"] += 1
-                out.append(Labelled(pend.impression, float(pend.clicked), pend.scored))
+                out.append(pend.labelled(float(pend.clicked)))
         while self._orphans:
             key, (ts, _, _) = next(iter(self._orphans.items()))
             if ts + self.window >= mark:
@@ -189,20 +200,22 @@ class Joiner:
         if imp.clicked is not None:
             self.stats["prelabelled"] += 1
             self._remember(imp)
-            return [Labelled(imp, float(imp.clicked), scored)]
+            return [Labelled(imp, float(imp.clicked), scored, partition, offset)]
         orphan = self._orphans.pop((imp_id, imp.user_id, imp.item_id), None)
         clicked = orphan is not None and 0 <= orphan[0] - imp.timestamp <= self.window
+        click_offset = orphan[2] if clicked and orphan is not None else -1
         if clicked and self.release is ClickRelease.ON_ARRIVAL:
             self.stats["clicked"] += 1
             self._remember(imp)
-            return [Labelled(imp, 1.0, scored)]
+            return [Labelled(imp, 1.0, scored, partition, offset, click_offset)]
         deadline = imp.timestamp + self.window
         if deadline < self.watermark:
             # its window closed before it came: its click may have come and gone, so
             # no label can be trusted (and past the dedup horizon it may be a repeat)
             self.stats["late_impression"] += 1
             return []
-        self._pending[imp_id] = _Pending(imp, scored, partition, offset, size, clicked)
+        self._pending[imp_id] = _Pending(imp, scored, partition, offset, size, clicked,
+                                         click_offset)
         self.pending_bytes += size
         heapq.heappush(self._deadlines, (deadline, imp_id))
         return self._evict()
@@ -235,11 +248,13 @@ class Joiner:
         if self.release is ClickRelease.WINDOW_END:
             if pend.clicked:
                 self.stats["duplicate_click"] += 1
-            pend.clicked = True
+            else:
+                pend.clicked, pend.click_offset = True, offset
             return []
         self._pop(click.impression_id)  # its heap entry is skipped when popped
         self.stats["clicked"] += 1
-        return [Labelled(imp, 1.0, pend.scored)]
+        pend.click_offset = offset
+        return [pend.labelled(1.0)]
 
     def revoke(self, partitions: Iterable[int]) -> None:
         """Forget the pending impressions of partitions given to another reader
@@ -250,6 +265,17 @@ class Joiner:
             self.pending_bytes -= pend.size
         for key in [k for k, (_, p, _) in self._orphans.items() if p in gone]:
             del self._orphans[key]
+
+    def reset(self) -> None:
+        """Forget everything but the counts: the stream is read again from an
+        earlier point, so no id it remembers is a duplicate any more."""
+        self.watermark = -math.inf
+        self.pending_bytes = 0
+        self._pending.clear()
+        self._deadlines.clear()
+        self._orphans.clear()
+        self._seen.clear()
+        self._clock = RecentMedian()
 
     def _pop(self, imp_id: str) -> _Pending | None:
         pend = self._pending.pop(imp_id, None)
@@ -271,7 +297,7 @@ class Joiner:
             pend = self._pop(imp_id)
             if pend is not None:
                 self.stats["evicted"] += 1
-                out.append(Labelled(pend.impression, 0.0, pend.scored))
+                out.append(pend.labelled(0.0))
         return out
 
     def oldest_offsets(self) -> dict[int, int]:

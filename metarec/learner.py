@@ -64,7 +64,9 @@ class Scores:
 class OnlineLearner:
     """θ (:attr:`online`), the users (:attr:`users`) and the meta-trainer (:attr:`meta`)."""
 
-    def __init__(self, config: LearnerConfig, theta: Theta | None = None):
+    def __init__(self, config: LearnerConfig, theta: Theta | None = None,
+                 examples_learned: int = 0):
+        """``examples_learned``: what ``theta`` had learned (a loaded version's count)."""
         self.config = config
         m = config.model
         self.theta: Theta = theta if theta is not None else init_theta(m, config.seed)
@@ -77,7 +79,7 @@ class OnlineLearner:
         rng = np.random.default_rng(config.seed)
         self.online = OnlineTheta(self.theta, m, config.online_lr, rng)
         self.meta = MetaTrainer(config.meta, m, self.theta, rng)
-        self.examples_learned = 0
+        self.examples_learned = examples_learned
 
     def process(self, ops: Ops) -> Scores:
         """Score every predict op and learn every label, in stream order."""

@@ -31,8 +31,13 @@ class OnlineTheta:
                                np.zeros((f.feature_buckets, model.phi_dim), dtype=np.float32),
                                np.zeros(f.item_buckets, dtype=np.bool_),
                                np.zeros(f.feature_buckets, dtype=np.bool_))
-        # θ loaded from a snapshot: its non-zero item rows have been started already
-        self.item_started = theta["item_emb"].abs().sum(1).numpy() > 0
+        self.item_started = np.zeros(f.item_buckets, dtype=np.bool_)
+        self.resync_items()
+
+    def resync_items(self) -> None:
+        """θ's item rows were set from outside (a snapshot, a delta, a rollback):
+        its non-zero rows have been started already."""
+        self.item_started[:] = self.theta["item_emb"].abs().sum(1).numpy() > 0
 
     def start_items(self, items: np.ndarray) -> None:
         """Random start for item rows about to be learned from for the first time.

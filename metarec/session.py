@@ -37,6 +37,8 @@ from metarec.ordering import EventTimeOrder, Held, OrderConfig
 from metarec.predictions import Predictions
 from metarec.records import DeadLetter, Record
 from metarec.snapshot import SCHEMA
+from metarec.theta_state import Delta, ThetaState
+from metarec.user_state import Restored, UserChanges, UserCodec
 
 #: labelled predictions (or seconds) between feeds of the drift detectors: they
 #: see the same sequence either way, and one call per chunk costs less than one
@@ -110,6 +112,15 @@ class SessionStatus:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """What a durable point writes: changed users' values by partition, and θ's
+    delta since the last one (None: unchanged)."""
+
+    users: dict[int, list[tuple[str, bytes]]]
+    theta: Delta | None
+
+
+@dataclass(frozen=True)
 class ModelSnapshot:
     """θ as of now (a copy: learning goes on), and what a manifest says of it."""
 
@@ -132,16 +143,20 @@ def config_hash(config: LearnerConfig) -> str:
 class StreamSession:
     def __init__(self, config: SessionConfig, theta: Theta | None = None, *,
                  keep_all: bool = False, wall_clock: bool = True,
-                 event_times: tuple[float, float] = (-math.inf, math.inf)):
+                 event_times: tuple[float, float] = (-math.inf, math.inf),
+                 durable: bool = False, examples_learned: int = 0):
         """``theta``: a loaded model to start from (default: a fresh one).
         ``keep_all``: keep every prediction for :meth:`quality`. ``wall_clock``
         False: no partition ever counts as idle, so the result depends on the
         records alone (a replay). ``event_times``: events outside [from, to) are
-        counted and skipped."""
+        counted and skipped. ``durable``: keep track of what changed, for
+        :meth:`checkpoint` (a state store's changelog). ``examples_learned``: what
+        ``theta`` had learned already (manifests count from there)."""
         self.config = config
         #: the learner (public for tests and benchmarks that examine it; the streamer
         #: uses :meth:`status` and :meth:`snapshot`)
-        self.learner = OnlineLearner(config.learner, theta=theta)
+        self.learner = OnlineLearner(config.learner, theta=theta,
+                                     examples_learned=examples_learned)
         self._joiner = Joiner.of(config.join)
         self._order: EventTimeOrder[tuple[Record, Impression | Click]] = EventTimeOrder.of(
             config.order)
@@ -162,6 +177,13 @@ class StreamSession:
         self._drift_pending: list[tuple[Predictions, list[str | None]]] = []
         self._drift_count = 0
         self._drift_at = time.monotonic()
+        self._changes: UserChanges | None = UserChanges() if durable else None
+        self._theta_state = ThetaState(self.learner) if durable else None
+        self._codec = UserCodec(self.learner.users, config_hash(config.learner))
+        # of partitions restored from the state store: offsets already learned from,
+        # and the scores of impressions that wait for their label
+        self._skip: dict[int, set[int]] = {}
+        self._restored_scores: dict[tuple[int, int], tuple[float, int]] = {}
 
     # -- records in ----------------------------------------------------------------------
 
@@ -187,7 +209,11 @@ class StreamSession:
         lo, hi = self._event_times
         max_bytes, order, counts = self.config.max_record_bytes, self._order, result.events
         dead = result.dead_letters
+        skip = self._skip
         for rec in records:
+            if skip and rec.offset in skip.get(rec.partition, ()):
+                counts["already_learned"] += 1
+                continue
             event = decode_event(rec.value, max_bytes=max_bytes)
             if not isinstance(event, Rejected) and event.timestamp > latest:
                 event = Rejected("bad_timestamp",
@@ -240,6 +266,59 @@ class StreamSession:
         self._ready = [self._ready[i] for i in kept]
         self._ready_at = [self._ready_at[i] for i in kept]
         self._joiner.revoke(partitions)
+        for p in partitions:
+            self._skip.pop(p, None)
+        self._restored_scores = {k: v for k, v in self._restored_scores.items()
+                                 if k[0] not in partitions}
+
+    # -- durable state -------------------------------------------------------------------
+
+    def checkpoint(self, committed: dict[int, int]) -> Checkpoint:
+        """What changed since the last durable point, as of the source offsets about
+        to be ``committed`` (by partition); :meth:`committed` once it is durable, or
+        :meth:`rollback` if it cannot be made so."""
+        if self._changes is None or self._theta_state is None:
+            raise ValueError("checkpoint of a session made without durable=True")
+        users: dict[int, list[tuple[str, bytes]]] = {}
+        for p, (ids, done, scores) in self._changes.take(committed).items():
+            users[p] = list(zip(ids, self._codec.encode(ids, done, scores), strict=True))
+        return Checkpoint(users, self._theta_state.take())
+
+    def committed(self) -> None:
+        """The last checkpoint is durable."""
+        if self._theta_state is not None:
+            self._theta_state.committed()
+
+    def rollback(self) -> None:
+        """Back to the last durable point: θ to its state then, every user and every
+        partition forgotten (restore the assigned partitions, and read them again
+        from their committed offsets)."""
+        if self._theta_state is not None:
+            self._theta_state.rollback()
+        self.learner.users.clear()
+        if self._changes is not None:
+            self._changes.forget()
+        self.revoke(set(self._order.buffered()) | set(self._skip)
+                    | {h.partition for h in self._ready})
+        self._joiner.reset()
+
+    def restore(self, partition: int, values: Iterable[tuple[str, bytes]],
+                since: int) -> Restored:
+        """Users of ``partition`` from the state store, before its first record is
+        read again from offset ``since``."""
+        found = self._codec.decode(values, since=since)
+        if self._changes is not None:
+            for user in found.users:
+                self._changes.partition[user] = partition
+        self._skip[partition] = found.done
+        self._restored_scores.update(((partition, o), s) for o, s in found.scores.items())
+        return found
+
+    def apply_delta(self, delta: Delta) -> None:
+        """Another member's durable change of θ."""
+        if self._theta_state is None:
+            raise ValueError("apply_delta on a session made without durable=True")
+        self._theta_state.apply(delta)
 
     def held_offsets(self) -> dict[int, int]:
         """The lowest offset per partition not yet fully learned from (buffered for
@@ -344,8 +423,16 @@ class StreamSession:
             if closed:
                 batch.learn_all(closed)
             if isinstance(event, Impression):
-                scored = Scored()
-                batch.predict(event, scored)
+                restored = self._restored_scores.pop((rec.partition, rec.offset), None) \
+                    if self._restored_scores else None
+                if restored is None:
+                    scored = Scored()
+                    batch.predict(event, scored, rec.partition, rec.offset)
+                else:
+                    scored = Scored(*restored)
+                    if self._changes is not None:
+                        self._changes.scored(event.user_id, rec.partition, rec.offset,
+                                             *restored)
                 batch.learn_all(joiner.impression(event, scored, rec.partition, rec.offset,
                                                   len(rec.value)))
                 continue
@@ -369,8 +456,14 @@ class StreamSession:
         if batch.ops:
             ops = self._encoder.encode(*zip(*batch.ops, strict=True))
             scores = self.learner.process(ops)
+            changes = self._changes
             for i, scored in batch.scored:
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
+            if changes is not None:
+                imps = batch.ops
+                for (i, scored), (partition, offset) in zip(batch.scored, batch.origins,
+                                                            strict=True):
+                    changes.scored(imps[i][0].user_id, partition, offset, scored.p, scored.k)
         learned += batch.learned
         if self.learner.meta_due:
             report = self.learner.meta_update()
@@ -379,6 +472,11 @@ class StreamSession:
 
     def _account(self, learned: list[Labelled], result: SessionOutput) -> None:
         """Evaluation, drift and counters of what a call learned."""
+        if learned and self._changes is not None:
+            changes = self._changes
+            for lab in learned:
+                changes.learned(lab.impression.user_id, lab.partition,
+                                (lab.offset, lab.click_offset))
         if learned:
             preds = result.predictions = Predictions.of(learned)
             self._evaluation.update(preds.p, preds.label, preds.k)
@@ -400,10 +498,12 @@ class _OpsBuilder:
     def __init__(self) -> None:
         self.ops: list[tuple[Impression, int, float]] = []
         self.scored: list[tuple[int, Scored]] = []
+        self.origins: list[tuple[int, int]] = []  # (partition, offset) of each scored
         self.learned: list[Labelled] = []
 
-    def predict(self, imp: Impression, scored: Scored) -> None:
+    def predict(self, imp: Impression, scored: Scored, partition: int, offset: int) -> None:
         self.scored.append((len(self.ops), scored))
+        self.origins.append((partition, offset))
         self.ops.append((imp, PREDICT, 0.0))
 
     def learn_all(self, labelled: list[Labelled]) -> None:
@@ -411,5 +511,5 @@ class _OpsBuilder:
         self.ops += [(lab.impression, LEARN, lab.label) for lab in labelled]
 
 
-__all__ = ["CacheConfig", "ModelSnapshot", "SessionConfig", "SessionOutput", "SessionStatus",
-           "StreamSession", "config_hash"]
+__all__ = ["CacheConfig", "Checkpoint", "ModelSnapshot", "SessionConfig", "SessionOutput",
+           "SessionStatus", "StreamSession", "config_hash"]

@@ -37,6 +37,17 @@ class UserTasks(NamedTuple):
                         torch.from_numpy(self.user_feats))
 
 
+class UserRows(NamedTuple):
+    """Some users' rows of the store, in its order of fields."""
+
+    phi: np.ndarray
+    learned: np.ndarray
+    features: np.ndarray
+    ring_item: np.ndarray
+    ring_context: np.ndarray
+    ring_label: np.ndarray
+
+
 class ItemFeatures:
     """The latest non-empty feature slots of every item bucket."""
 
@@ -70,11 +81,36 @@ class UserStore:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def clear(self) -> None:
+        """Forget every user (the arrays keep their capacity)."""
+        n = len(self.rows)
+        self.rows.clear()
+        for a in self._state():
+            a[:n] = 0
+
+    def _state(self) -> tuple[np.ndarray, ...]:
+        return (self.phi, self.learned, self.features, self.ring_item, self.ring_context,
+                self.ring_label)
+
+    def export(self, rows: np.ndarray) -> UserRows:
+        """Copies of some rows, for the state store."""
+        return UserRows(*(a[rows] for a in self._state()))
+
+    def load(self, user_ids: list[str], state: UserRows) -> None:
+        """Set these users' rows (restored from the state store), new or not."""
+        out = np.empty(len(user_ids), dtype=np.int64)
+        for i, uid in enumerate(user_ids):
+            row = self.rows.get(uid)
+            if row is None:
+                row = self.rows[uid] = len(self.rows)
+            out[i] = row
+        self._grow(len(self.rows))
+        for target, values in zip(self._state(), state, strict=True):
+            target[out] = values
+
     def bytes_per_user(self) -> int:
         """Bytes of array state per user row (fast weights, counters, ring, features)."""
-        arrays = (self.phi, self.learned, self.features, self.ring_item, self.ring_context,
-                  self.ring_label)
-        return sum(a.nbytes // a.shape[0] for a in arrays)
+        return sum(a.nbytes // a.shape[0] for a in self._state())
 
     def arrays(self) -> UserArrays:
         """The rows the serving loop reads and writes (valid until the store grows)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,31 @@ class KafkaSettings(BaseModel):
         1000, ge=0, description="commit offsets after the first micro-batch this long after "
         "the last commit (0: after every one), and at shutdown; a crash or rebalance "
         "re-reads at most this much")
+    durable_state: bool = Field(
+        True, description="run: keep users' state on the changelog topic and θ's changes on "
+        "the updates topic, committed with the offsets in one Kafka transaction (a crash "
+        "loses nothing and learns nothing twice); off: state in memory, at-least-once")
+    changelog_topic: str | None = Field(
+        None, description="compacted topic of users' state, partitioned like the events "
+        "topic; default: <group id>.state")
+    updates_topic: str | None = Field(
+        None, description="topic of θ's changes from every group member (one partition); "
+        "default: <group id>.updates")
+    instance_id: str | None = Field(
+        None, description="this member's stable name in the group (its Kafka transactional "
+        "id; a restart under the same name aborts what it left open); default: the host name")
+    stalled_transaction_seconds: float = Field(
+        10.0, gt=0, description="a transaction open this long on a topic being restored is "
+        "taken to be a dead member's, and aborted (some brokers never time one out)")
+
+    def changelog(self) -> str:
+        return self.changelog_topic or f"{self.group_id}.state"
+
+    def updates(self) -> str:
+        return self.updates_topic or f"{self.group_id}.updates"
+
+    def transactional_id(self) -> str:
+        return f"{self.group_id}.{self.instance_id or socket.gethostname()}"
 
 
 class ReplaySettings(BaseModel):

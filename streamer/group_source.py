@@ -1,9 +1,11 @@
 """A consumer-group member as a source of the loop.
 
-Delivery: at-least-once. Offsets are committed only after the records they
-cover have been learned from and their dead letters acknowledged, and never past
-an event the session still holds (buffered for the event-time merge, or an
-impression waiting for its click).
+Offsets are committed only after the records they cover have been learned from
+and their dead letters acknowledged, and never past an event the session still
+holds (buffered for the event-time merge, or an impression waiting for its
+click). With durable state (:mod:`streamer.durability`) they are committed in
+one transaction with the state that reflects them, and a record read again is
+learned once; without it, delivery is at-least-once and the state in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kafka.structs import OffsetAndMetadata
 from metarec.records import Record
 from metarec.session import StreamSession
 from streamer.config import KafkaSettings
+from streamer.durability import DurableState
 from streamer.kafka_io import poll, record_of
 from streamer.loop import Poll
 from streamer.metrics import Metrics
@@ -35,7 +38,8 @@ class GroupSource(ConsumerRebalanceListener):
     finite = False
 
     def __init__(self, consumer: KafkaConsumer, kafka: KafkaSettings, *, max_records: int,
-                 idle_exit_seconds: float | None, metrics: Metrics):
+                 idle_exit_seconds: float | None, metrics: Metrics,
+                 durable: DurableState | None = None):
         self.consumer, self.kafka, self.max_records = consumer, kafka, max_records
         self.idle_exit_seconds = idle_exit_seconds
         self.metrics = metrics
@@ -47,6 +51,8 @@ class GroupSource(ConsumerRebalanceListener):
         self._committed: dict[TopicPartition, OffsetAndMetadata] = {}
         self._session: StreamSession | None = None
         self._in_flight: list[Record] = []
+        self._unsaved = 0  # records processed since the last commit
+        self.durable = durable
         consumer.subscribe([kafka.events_topic], listener=self)
 
     def request_stop(self) -> None:
@@ -58,6 +64,10 @@ class GroupSource(ConsumerRebalanceListener):
         last_record = time.monotonic()
         while not self.stopping:
             polled = poll(cons, k.poll_timeout_ms, self.max_records)
+            if self.durable is not None and self.durable.before_poll(session, cons):
+                self._positions.clear()  # back at the last commit: read again from there
+                self._committed = {}
+                polled = {}
             now = time.monotonic()
             assigned = cons.assignment()
             session.track([tp.partition for tp in assigned], now)
@@ -85,6 +95,7 @@ class GroupSource(ConsumerRebalanceListener):
     def processed(self, session: StreamSession) -> None:
         # from each record's append to the end of the micro-batch that took it in
         self.metrics.observe_freshness(time.time(), self._in_flight)
+        self._unsaved += len(self._in_flight)
         self._in_flight = []
         self._flow_control(session)
         self.last_batch_at = time.monotonic()
@@ -93,6 +104,8 @@ class GroupSource(ConsumerRebalanceListener):
 
     def close(self, session: StreamSession) -> None:
         self._commit(session, final=True)
+        if self.durable is not None:
+            self.durable.close(session, self.consumer, self.kafka.session_timeout_ms / 1000)
 
     def lag(self) -> int | None:
         """Records behind the end of the assigned partitions (brokers may under-report
@@ -142,19 +155,24 @@ class GroupSource(ConsumerRebalanceListener):
         again by the partition's next owner: at-least-once."""
         for tp in revoked:
             self._positions.pop(tp, None)
-        if self._session is not None:
+        if self.durable is not None:
+            self.durable.revoked()
+        elif self._session is not None:
             self._session.revoke({tp.partition for tp in revoked})
         if revoked:
             log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self.durable is not None:
+            self.durable.assigned(self.consumer, assigned)
         if assigned:
             log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
     # -- commits -----------------------------------------------------------------------
 
     def _commit_due(self, now: float) -> bool:
-        return now - self._last_commit >= self.kafka.commit_interval_ms / 1000
+        return now - self._last_commit >= self.kafka.commit_interval_ms / 1000 or (
+            self.durable is not None and self.durable.wants_commit(self.consumer))
 
     def _commit(self, session: StreamSession, *, final: bool = False) -> None:
         """Commit what the session no longer holds; ``final``: a failure raises (the
@@ -163,9 +181,24 @@ class GroupSource(ConsumerRebalanceListener):
         offsets = {tp: OffsetAndMetadata(min(position, held.get(tp.partition, position)), "", -1)
                    for tp, position in self._positions.items()}
         self._last_commit = time.monotonic()
-        if not offsets or offsets == self._committed:
+        # with durable state, what was learned is saved even if the offsets stay
+        # (an impression waiting for its click holds them)
+        unsaved = self.durable is not None and self._unsaved > 0
+        if not offsets or (offsets == self._committed and not unsaved):
             if not offsets:  # nothing owed (no partitions, or all revoked)
                 self.metrics.commits_ok.set(1)
+            return
+        if self.durable is not None:
+            if self.durable.commit(session, {tp: o.offset for tp, o in offsets.items()},
+                                   self.consumer):
+                self._committed = offsets
+                self._unsaved = 0
+                self.metrics.commits_ok.set(1)
+            else:
+                self._positions.clear()
+                self._committed = {}
+                if final:
+                    raise KafkaError("the last transaction could not be committed")
             return
         try:
             # bounded: with the broker gone, learning goes on (nothing is committed)

@@ -38,16 +38,29 @@ def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         existing = set(admin.list_topics())
-        for name, partitions in wanted.items():
-            if name in existing:
-                continue
-            try:
-                admin.create_topics([NewTopic(name, partitions, 1)])
-                log.info("created topic %s with %d partition(s)", name, partitions)
-            except TopicAlreadyExistsError:
-                pass
+        _create(admin, existing, wanted)
+        if kafka.durable_state:
+            # the changelog is partitioned like the events topic as it is, not as
+            # it would be created
+            described = admin.describe_topics([kafka.events_topic])
+            events = len(described[0]["partitions"]) if described else kafka.partitions
+            _create(admin, existing, {kafka.changelog(): events, kafka.updates(): 1},
+                    {kafka.changelog(): {"cleanup.policy": "compact"}})
     finally:
         admin.close()
+
+
+def _create(admin: KafkaAdminClient, existing: set[str], wanted: dict[str, int],
+            configs: dict[str, dict[str, str]] | None = None) -> None:
+    for name, partitions in wanted.items():
+        if name in existing:
+            continue
+        try:
+            admin.create_topics([NewTopic(name, partitions, 1,
+                                          topic_configs=(configs or {}).get(name, {}))])
+            log.info("created topic %s with %d partition(s)", name, partitions)
+        except TopicAlreadyExistsError:
+            pass
 
 
 def producer(bootstrap: str) -> KafkaProducer:

@@ -11,14 +11,14 @@ the highest number, so an old lineage can never shadow the new one.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from metarec import snapshot
 from metarec.learner import LearnerConfig
 from metarec.model import Theta, theta_shapes
 from metarec.session import config_hash
 from streamer.errors import SourceError
-from streamer.model_topic import read_versions
+from streamer.model_topic import Lineage, read_versions
 
 log = logging.getLogger("metarec.lineage")
 
@@ -31,6 +31,12 @@ class Start:
     theta: Theta | None = None
     last_version: int | None = None
     parent: int | None = None
+    #: the loaded version's place among the group's θ updates (none loaded: the start)
+    lineage: Lineage = field(default_factory=Lineage)
+    #: the highest writer epoch on the topic
+    epoch: int = 0
+    #: what the loaded version had learned
+    examples_learned: int = 0
 
 
 def newest(bootstrap: str, topic: str, config: LearnerConfig) -> Start:
@@ -57,11 +63,11 @@ def newest(bootstrap: str, topic: str, config: LearnerConfig) -> Start:
                         "shapes fit: continuing it", m.version, m.config_hash, ours)
         log.info("loaded model version %d (%s, %d bytes) from %s; the next version is %d",
                  m.version, m.algorithm, m.size, topic, last + 1)
-        return Start(theta, last, m.version)
+        return Start(theta, last, m.version, m.lineage, found.epoch, m.examples_learned)
     log.warning("no model version on %s is of this layout (config hash %s; the newest, %d, "
                 "is %s): starting a fresh lineage, its first version %d", topic, ours, last,
                 found.newest.manifest.config_hash, last + 1)
-    return Start(last_version=last)
+    return Start(last_version=last, epoch=found.epoch)
 
 
 def exact(bootstrap: str, topic: str, version: int, config: LearnerConfig) -> Start:

@@ -111,6 +111,18 @@ class Metrics:
                                 "offset commit succeeded, 0 since one failed (broker "
                                 "unreachable, or a rebalance in progress)", registry=r)
         self.commits_ok.set(1)  # no commit has failed yet
+        self.producer_ok = Gauge("metarec_kafka_producer_ok", "1 while this member's "
+                                 "transactional producer works, 0 from a failed transaction "
+                                 "until one succeeds (broker unreachable, fenced, fatal)",
+                                 registry=r)
+        self.producer_ok.set(1)
+        self.restored_users = Counter("metarec_state_restored_users", "Users restored from "
+                                      "the changelog on partition assignment", registry=r)
+        self.rollbacks = Counter("metarec_state_rollbacks", "Returns to the last durable "
+                                 "point (a rebalance, or a transaction that failed)",
+                                 registry=r)
+        self.updates_applied = Counter("metarec_theta_updates_applied", "Other members' θ "
+                                       "updates applied", registry=r)
         for reason in REJECT_REASONS:  # export zeros so rate() works from the start
             self.dead.labels(reason)
         self._join_seen: dict[str, int] = {}

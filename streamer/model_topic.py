@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """Where a version stands among a group's writers and its θ updates: the
+    writer's ``epoch`` (a version of a lower epoch than one before it on the topic
+    is a deposed writer's, and ignored), the last update of each member it holds
+    (``applied``), and the updates-topic offset a loader reads on from."""
+
+    epoch: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+    updates_offset: int = 0
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: int
     parent: int | None
@@ -49,6 +61,13 @@ class Manifest:
     chunks: list[str]  # sha256 of each chunk
     examples_learned: int
     created_at: float
+    epoch: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+    updates_offset: int = 0
+
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(self.epoch, dict(self.applied), self.updates_offset)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -79,6 +98,9 @@ class _ManifestFields(BaseModel):
     chunks: Annotated[list[Sha256], Field(min_length=1)]
     examples_learned: Count
     created_at: float
+    epoch: Count = 0
+    applied: dict[str, Count] = Field(default_factory=dict)
+    updates_offset: Count = 0
 
 
 def _sha(data: bytes) -> str:
@@ -93,13 +115,15 @@ Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
 
 
 def messages(payload: bytes, *, version: int, parent: int | None, algorithm: str,
-             config_hash: str, examples_learned: int,
-             chunk_bytes: int = CHUNK_BYTES) -> tuple[Manifest, list[Message]]:
+             config_hash: str, examples_learned: int, chunk_bytes: int = CHUNK_BYTES,
+             lineage: Lineage | None = None) -> tuple[Manifest, list[Message]]:
     """The messages of one version: its chunks, then its manifest."""
     size = min(chunk_bytes, CHUNK_BYTES)
     chunks = [payload[i:i + size] for i in range(0, len(payload), size)] or [b""]
+    lin = lineage or Lineage()
     manifest = Manifest(version, parent, algorithm, config_hash, SCHEMA, len(payload),
-                        _sha(payload), [_sha(c) for c in chunks], examples_learned, time.time())
+                        _sha(payload), [_sha(c) for c in chunks], examples_learned, time.time(),
+                        lin.epoch, dict(lin.applied), lin.updates_offset)
     out: list[Message] = [(_key(version, f"chunk/{i:05d}"), chunk, [("metarec-kind", b"chunk")])
                           for i, chunk in enumerate(chunks)]
     out.append((_key(version, "manifest"), manifest.to_json(), [("metarec-kind", b"manifest")]))
@@ -110,11 +134,11 @@ def messages(payload: bytes, *, version: int, parent: int | None, algorithm: str
 
 def publish(producer: KafkaProducer, topic: str, payload: bytes, *, version: int,
             parent: int | None, algorithm: str, config_hash: str, examples_learned: int,
-            chunk_bytes: int = CHUNK_BYTES) -> Manifest:
+            chunk_bytes: int = CHUNK_BYTES, lineage: Lineage | None = None) -> Manifest:
     """Send the chunks, then the manifest once the broker has every chunk."""
     manifest, msgs = messages(payload, version=version, parent=parent, algorithm=algorithm,
                               config_hash=config_hash, examples_learned=examples_learned,
-                              chunk_bytes=chunk_bytes)
+                              chunk_bytes=chunk_bytes, lineage=lineage)
     *chunks, (mkey, mvalue, mheaders) = msgs
     for fut in [producer.send(topic, key=k, value=v, partition=0, headers=h)
                 for k, v, h in chunks]:
@@ -169,6 +193,7 @@ class VersionAssembler:
     by_hash: dict[str, Loaded] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
+    epoch: int = 0  # the highest writer epoch of a complete version so far
 
     def add(self, key: bytes | None, value: bytes | None,
             headers: Iterable[tuple[str, bytes | None]] | None) -> None:
@@ -224,6 +249,11 @@ class VersionAssembler:
                 or manifest.schema != SCHEMA):
             self.rejected[version] = "payload size, checksum or schema mismatch"
             return
+        if manifest.epoch < self.epoch:
+            self.rejected[version] = (f"fenced: writer epoch {manifest.epoch}, after a version "
+                                      f"of epoch {self.epoch}")
+            return
+        self.epoch = manifest.epoch
         loaded = Loaded(manifest, payload)
         if self.newest is None or manifest.version > self.newest.manifest.version:
             self.newest = loaded

@@ -17,14 +17,15 @@ from kafka import KafkaProducer
 
 from metarec import snapshot
 from metarec.session import ModelSnapshot
-from streamer.model_topic import CHUNK_BYTES, Manifest, messages, publish
+from streamer.model_topic import CHUNK_BYTES, Lineage, Manifest, messages, publish
 
 log = logging.getLogger("metarec.publish")
 
 
 class ModelSink(Protocol):
     def write(self, payload: bytes, *, version: int, parent: int | None, algorithm: str,
-              config_hash: str, examples_learned: int) -> Manifest: ...
+              config_hash: str, examples_learned: int,
+              lineage: Lineage | None = None) -> Manifest: ...
 
 
 class TopicSink:
@@ -32,10 +33,12 @@ class TopicSink:
         self.producer, self.topic, self.chunk_bytes = producer, topic, chunk_bytes
 
     def write(self, payload: bytes, *, version: int, parent: int | None, algorithm: str,
-              config_hash: str, examples_learned: int) -> Manifest:
+              config_hash: str, examples_learned: int,
+              lineage: Lineage | None = None) -> Manifest:
         return publish(self.producer, self.topic, payload, version=version, parent=parent,
                        algorithm=algorithm, config_hash=config_hash,
-                       examples_learned=examples_learned, chunk_bytes=self.chunk_bytes)
+                       examples_learned=examples_learned, chunk_bytes=self.chunk_bytes,
+                       lineage=lineage)
 
 
 class DirectorySink:
@@ -51,9 +54,11 @@ class DirectorySink:
         return max(found, default=None)
 
     def write(self, payload: bytes, *, version: int, parent: int | None, algorithm: str,
-              config_hash: str, examples_learned: int) -> Manifest:
+              config_hash: str, examples_learned: int,
+              lineage: Lineage | None = None) -> Manifest:
         manifest, _ = messages(payload, version=version, parent=parent, algorithm=algorithm,
-                               config_hash=config_hash, examples_learned=examples_learned)
+                               config_hash=config_hash, examples_learned=examples_learned,
+                               lineage=lineage)
         (self.directory / f"v{version:06d}.npz").write_bytes(payload)
         (self.directory / f"v{version:06d}.json").write_text(
             json.dumps(json.loads(manifest.to_json()), indent=2))
@@ -91,23 +96,35 @@ class Publisher:
         self._pending: Future[Manifest] | None = None
 
     def after_meta_update(self, snapshot: Callable[[], ModelSnapshot]) -> None:
-        self._metas += 1
-        if self._metas >= self.every and time.monotonic() - self._last >= self.min_seconds:
+        self.note_meta()
+        if self.due:
             self.publish(snapshot())
 
-    def finish(self, snapshot: ModelSnapshot) -> None:
+    def note_meta(self) -> None:
+        self._metas += 1
+
+    @property
+    def due(self) -> bool:
+        """Enough meta-updates, and long enough, since the last version."""
+        return self._metas >= self.every and time.monotonic() - self._last >= self.min_seconds
+
+    def finish(self, snapshot: ModelSnapshot, lineage: Lineage | None = None) -> None:
         """Publish what was learned since the last version (if anything), and wait."""
         if snapshot.examples_learned > self._learned_at_publish:
-            self.publish(snapshot)
+            self.publish(snapshot, lineage)
+        self.finish_quietly()
+
+    def finish_quietly(self) -> None:
+        """Wait for what is in flight, publish nothing more."""
         self._wait()
         if self._worker is not None:
             self._worker.shutdown()
 
-    def publish(self, snapshot: ModelSnapshot) -> None:
+    def publish(self, snapshot: ModelSnapshot, lineage: Lineage | None = None) -> None:
         version = (self.version or 0) + 1
         meta = {"version": version, "parent": self.parent, "algorithm": snapshot.algorithm,
                 "config_hash": snapshot.config_hash,
-                "examples_learned": snapshot.examples_learned}
+                "examples_learned": snapshot.examples_learned, "lineage": lineage}
         self.version = self.parent = version
         self.published.append(version)
         self._metas = 0

@@ -22,6 +22,7 @@ from types import FrameType
 from metarec.session import StreamSession
 from streamer import kafka_io, lineage
 from streamer.config import Settings
+from streamer.durability import DurableState, group_theta
 from streamer.group_source import GroupSource
 from streamer.loop import stream
 from streamer.metrics import Metrics
@@ -36,7 +37,9 @@ from streamer.sinks import (
     ProgressLine,
     Sink,
 )
+from streamer.updates import UpdateLog
 from streamer.warmup import warm_up
+from streamer.writer import ModelWriter
 
 log = logging.getLogger("metarec.run")
 
@@ -88,10 +91,17 @@ class Runner:
         start = lineage.newest(self.bootstrap, k.model_topic, s.session.learner)
         if start.parent is not None:
             self.metrics.model_version.set(start.parent)
-        session = StreamSession(s.session, start.theta, event_times=s.replay.event_times())
+        session = StreamSession(s.session, start.theta, event_times=s.replay.event_times(),
+                                durable=k.durable_state,
+                                examples_learned=start.examples_learned)
+        update_log = None
+        if k.durable_state:
+            update_log = group_theta(self.bootstrap, k, session, start.lineage, self.metrics)
+            log.info("θ: model version %s and the group's later updates (%d examples)",
+                     start.parent or "none (fresh)", session.learner.examples_learned)
         warm_up(s.session)  # before joining the group: the first batch is then like the rest
         try:
-            source, publisher = self._consume(session, start)
+            source, publisher = self._consume(session, start, update_log)
         finally:
             if self._watchdog is not None:  # the shutdown finished (or failed) in time
                 self._watchdog.cancel()
@@ -105,8 +115,8 @@ class Runner:
             busy_seconds=last - first if first is not None and last is not None else 0.0,
         )
 
-    def _consume(self, session: StreamSession, start: lineage.Start
-                 ) -> tuple[GroupSource, Publisher]:
+    def _consume(self, session: StreamSession, start: lineage.Start,
+                 update_log: UpdateLog | None) -> tuple[GroupSource, Publisher]:
         """The group member's loop, its clients closed at the end."""
         s, k = self.settings, self.settings.kafka
         with ExitStack() as stack:
@@ -114,15 +124,23 @@ class Runner:
             stack.callback(prod.close, timeout=s.ops.shutdown_timeout_seconds)
             cons = kafka_io.group_consumer(self.bootstrap, k, s.session.max_batch_records)
             stack.callback(cons.close)
-            source = self._source = GroupSource(
-                cons, k, max_records=s.session.max_batch_records,
-                idle_exit_seconds=s.ops.idle_exit_seconds, metrics=self.metrics)
-            if self.stopping:
-                source.request_stop()
             publisher = Publisher(TopicSink(prod, k.model_topic, s.publish.model_chunk_bytes),
                                   s.publish.publish_every, last_version=start.last_version,
                                   parent=start.parent, min_seconds=s.publish.publish_min_seconds,
                                   background=True, on_published=self._published)
+            durable = None
+            if update_log is not None:
+                writer = ModelWriter(self.bootstrap, k.events_topic, k.model_topic, publisher,
+                                     update_log)
+                incarnation = next(iter(update_log.own))
+                durable = DurableState(self.bootstrap, k, update_log, self.metrics, incarnation,
+                                       writer)
+            source = self._source = GroupSource(
+                cons, k, max_records=s.session.max_batch_records,
+                idle_exit_seconds=s.ops.idle_exit_seconds, metrics=self.metrics,
+                durable=durable)
+            if self.stopping:
+                source.request_stop()
 
             def lag() -> str:
                 return f"lag {source.lag()} | model v{publisher.parent or '-'}"
@@ -130,7 +148,8 @@ class Runner:
             sinks: list[Sink] = [
                 DeadLetterTopic(prod, k.dlq_topic),
                 DriftTopic(prod, k.drift_topic, s.ops.log_every_seconds),
-                ModelVersions(publisher, self.metrics.meta_timestamp.set_to_current_time),
+                ModelVersions(publisher, self.metrics.meta_timestamp.set_to_current_time,
+                              publish=durable is None),
                 MetricsSink(self.metrics),
                 ProgressLine(s.ops.log_every_seconds, log, tty=False, extra=lag, rate=False),
             ]

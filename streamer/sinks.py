@@ -113,19 +113,25 @@ class DeadLetterTopic:
 
 class ModelVersions:
     """Model versions after meta-updates, as the publisher's schedule says, and
-    the last one at the end."""
+    the last one at the end. Without ``publish`` it only counts the meta-updates:
+    a durable run publishes after its commits (:mod:`streamer.writer`)."""
 
-    def __init__(self, publisher: Publisher, on_meta: Callable[[], None] | None = None):
-        self.publisher, self.on_meta = publisher, on_meta
+    def __init__(self, publisher: Publisher, on_meta: Callable[[], None] | None = None, *,
+                 publish: bool = True):
+        self.publisher, self.on_meta, self.publish = publisher, on_meta, publish
 
     def write(self, out: SessionOutput, session: StreamSession) -> None:
         for _ in out.meta:
             if self.on_meta is not None:
                 self.on_meta()
-            self.publisher.after_meta_update(session.snapshot)
+            if self.publish:
+                self.publisher.after_meta_update(session.snapshot)
+            else:
+                self.publisher.note_meta()
 
     def close(self, session: StreamSession) -> None:
-        self.publisher.finish(session.snapshot())
+        if self.publish:
+            self.publisher.finish(session.snapshot())
 
 
 class MetricsSink:

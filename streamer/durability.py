@@ -1,0 +1,164 @@
+"""A group member's durable state: restore on assignment, one transaction per
+commit, back to the last durable point on a rebalance or a failed transaction,
+and the other members' θ updates applied as they come.
+
+kafka-python revokes every partition at a rebalance (the eager protocol), and
+runs its callbacks inside the group protocol, where nothing may block; so the
+callbacks only note what happened, and :meth:`DurableState.before_poll` does
+the work in the loop: the session goes back to the last commit (nothing since
+is durable, and the partitions' next owners read it again), and every assigned
+partition is restored from the changelog, its records held back (paused) until
+then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+from metarec.session import StreamSession
+from metarec.theta_state import Delta, DeltaError
+from streamer import changelog
+from streamer.config import KafkaSettings
+from streamer.metrics import Metrics
+from streamer.model_topic import Lineage
+from streamer.transactions import Committer, new_incarnation
+from streamer.txn_log import Tag
+from streamer.updates import UpdateFollower, UpdateLog, catch_up
+from streamer.writer import ModelWriter
+
+log = logging.getLogger("metarec.state")
+
+
+class DurableState:
+    def __init__(self, bootstrap: str, kafka: KafkaSettings, update_log: UpdateLog,
+                 metrics: Metrics, incarnation: str, writer: ModelWriter):
+        self.bootstrap, self.kafka, self.metrics = bootstrap, kafka, metrics
+        self.writer = writer
+        self.update_log = update_log
+        self.committer = Committer(bootstrap, kafka, update_log, metrics, incarnation)
+        self.follower = UpdateFollower(bootstrap, kafka.updates(), update_log)
+        self._to_restore: set[TopicPartition] = set()
+        self._rollback = False
+
+    # -- group callbacks (they must not block) -------------------------------------------
+
+    def assigned(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+        consumer.pause(*tps)
+        self._to_restore |= set(tps)
+
+    def revoked(self) -> None:
+        self._rollback = True
+
+    def wants_commit(self, consumer: KafkaConsumer) -> bool:
+        """A model version is due: commit now, and it follows."""
+        return self.writer.due(consumer)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def before_poll(self, session: StreamSession, consumer: KafkaConsumer) -> bool:
+        """Roll back, restore and follow as needed; True if the session went back
+        to the last durable point (the caller forgets its positions)."""
+        rolled = self._rollback
+        if rolled:
+            self._rollback = False
+            self.metrics.rollbacks.inc()
+            session.rollback()
+            self._to_restore |= consumer.assignment()
+        if self._to_restore:
+            self._restore(session, consumer)
+        apply_updates(session, self.follower.poll(), self.update_log, self.metrics)
+        return rolled
+
+    def _restore(self, session: StreamSession, consumer: KafkaConsumer) -> None:
+        tps = sorted(self._to_restore & consumer.assignment(), key=lambda tp: tp.partition)
+        self._to_restore.clear()
+        if not tps:
+            return
+        t0 = time.perf_counter()
+        committed = {tp: consumer.committed(tp) for tp in tps}
+        topic = self.kafka.changelog()
+        stamps = {tp.partition: consumer.committed(TopicPartition(topic, tp.partition))
+                  for tp in tps}
+        found = changelog.restore(self.bootstrap, topic, [tp.partition for tp in tps], stamps,
+                                  stall_seconds=self.kafka.stalled_transaction_seconds,
+                                  own_id=self.committer.transactional_id)
+        users = 0
+        for tp in tps:
+            c = committed[tp]
+            since = c if c is not None and c >= 0 else 0
+            restored = session.restore(tp.partition, found[tp.partition].values, since)
+            users += len(restored.users)
+            if restored.refused:
+                log.warning("partition %d: %d user value(s) of another layout or damaged, "
+                            "those users start afresh", tp.partition, restored.refused)
+            self.committer.restored(tp.partition, found[tp.partition].committed)
+            if c is not None and c >= 0:
+                consumer.seek(tp, c)
+            else:
+                consumer.seek_to_beginning(tp)
+            # what the changelog knows committed holds for θ's updates too: the
+            # last transaction of a member that died is applied before anything
+            # is learned on top
+            for inc, seq in found[tp.partition].confirmed.items():
+                self.update_log.confirmed.note(inc, seq)
+        apply_updates(session, self.follower.poll(), self.update_log, self.metrics)
+        consumer.resume(*tps)
+        self.metrics.restored_users.inc(users)
+        log.info("restored %d user(s) of partition(s) %s in %.2f s", users,
+                 [tp.partition for tp in tps], time.perf_counter() - t0)
+
+    def commit(self, session: StreamSession, offsets: dict[TopicPartition, int],
+               consumer: KafkaConsumer) -> bool:
+        if self._rollback or self._to_restore:
+            return False  # a rebalance happened since the last poll: nothing to commit
+        ok = self.committer.commit(session, offsets, consumer)
+        if ok:
+            self.writer.after_commit(session, consumer)
+        else:
+            self.metrics.rollbacks.inc()
+            self._to_restore |= consumer.assignment()
+            for tp in consumer.assignment():
+                consumer.pause(tp)
+        return ok
+
+    def close(self, session: StreamSession, consumer: KafkaConsumer, timeout: float) -> None:
+        """After the last commit: the last version (if this member is the writer)."""
+        self.writer.after_commit(session, consumer, final=True)
+        self.writer.finish()
+        self.committer.confirm_last()
+        self.follower.close()
+        self.committer.close(timeout)
+
+
+def apply_updates(session: StreamSession, ready: list[tuple[Tag, Delta | None]],
+                  update_log: UpdateLog, metrics: Metrics) -> int:
+    """Other members' committed θ updates into the session; how many."""
+    n = 0
+    for tag, delta in ready:
+        if delta is None or tag.incarnation in update_log.own:
+            continue
+        try:
+            session.apply_delta(delta)
+        except DeltaError as exc:
+            update_log.skipped["other_layout"] += 1
+            log.warning("θ update %s/%d skipped: %s", tag.incarnation, tag.seq, exc)
+            continue
+        metrics.updates_applied.inc()
+        n += 1
+    return n
+
+
+def group_theta(bootstrap: str, kafka: KafkaSettings, session: StreamSession, lineage: Lineage,
+                metrics: Metrics) -> UpdateLog:
+    """θ of the group into ``session`` (already holding the model version of
+    ``lineage``): every committed update of every member that it does not hold.
+    The returned log goes on from there, under a new incarnation of this process."""
+    update_log = UpdateLog(own={new_incarnation()})
+    update_log.applied.update(lineage.applied)
+    catch_up(bootstrap, kafka.updates(), update_log, start=lineage.updates_offset,
+             stall_seconds=kafka.stalled_transaction_seconds, own_id=kafka.transactional_id())
+    apply_updates(session, update_log.ready(), update_log, metrics)
+    return update_log

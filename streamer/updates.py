@@ -1,0 +1,141 @@
+"""θ's changes on the updates topic: every member's deltas, in its transactions.
+
+Each transaction of a member writes one update: its θ delta since the last
+(:class:`metarec.theta_state.Delta`, possibly empty) in chunks of at most
+900 KB, keyed ``<incarnation>/<seq>/<chunk>/<chunks>``, tagged with the
+transaction, and with a ``metarec-confirms`` header naming the transactions of
+other members that its member found committed when it restored their
+partitions. Every member follows the topic and applies the others' updates once
+they are known committed, so the group learns one θ; the model versions' writer
+publishes it with the vector of updates it holds (:class:`Applied`), and a
+loader applies the updates after that vector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, TopicPartition
+
+from metarec.theta_state import Delta, DeltaError
+from streamer.txn_log import Confirmed, Tag, read_to_end, reader
+
+log = logging.getLogger("metarec.updates")
+
+CONFIRMS_HEADER = "metarec-confirms"
+CHUNK_BYTES = 900_000
+
+Message = tuple[bytes, bytes, list[tuple[str, bytes]]]
+
+
+def messages(tag: Tag, delta: Delta | None, confirms: dict[str, int]) -> list[Message]:
+    payload = delta.dumps() if delta is not None else b""
+    chunks = [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
+    headers = [tag.header(), (CONFIRMS_HEADER, json.dumps(confirms).encode())]
+    out = [(f"{tag.incarnation}/{tag.seq}/{i}/{len(chunks)}".encode(), chunk, headers)
+           for i, chunk in enumerate(chunks)]
+    return out
+
+
+class Applied(dict[str, int]):
+    """Incarnation -> the last of its updates a θ holds (they are applied in order)."""
+
+
+@dataclass
+class _Pending:
+    offset: int  # of its first chunk
+    chunks: dict[int, bytes] = field(default_factory=dict)
+    total: int = 0
+
+
+@dataclass
+class UpdateLog:
+    """The updates topic as read so far: what is committed, what is applied, what
+    waits for its confirmation."""
+
+    own: set[str]  # incarnations of this process: their updates are in θ already
+    applied: Applied = field(default_factory=Applied)
+    confirmed: Confirmed = field(default_factory=Confirmed)
+    skipped: Counter[str] = field(default_factory=Counter)
+    position: int = 0  # the next offset to read
+    _pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
+
+    def add(self, offset: int, key: bytes | None, value: bytes | None,
+            headers: list[tuple[str, bytes]] | None) -> None:
+        self.position = offset + 1
+        tag = Tag.of(headers)
+        parts = (key or b"").split(b"/")
+        if tag is None or len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+            self.skipped["not_ours"] += 1
+            return
+        self.confirmed.saw(tag)
+        raw = next((v for k, v in headers or [] if k == CONFIRMS_HEADER), b"{}")
+        try:
+            confirms = json.loads(raw or b"{}")
+            for inc, seq in confirms.items():
+                self.confirmed.note(str(inc), int(seq))
+        except (ValueError, TypeError, AttributeError):
+            self.skipped["bad_confirms"] += 1
+        if tag.seq <= self.applied.get(tag.incarnation, 0):
+            return  # held already (read again from a loader's start)
+        pend = self._pending.setdefault((tag.incarnation, tag.seq), _Pending(offset))
+        pend.chunks[int(parts[2])] = value or b""
+        pend.total = int(parts[3])
+
+    def ready(self) -> list[tuple[Tag, Delta | None]]:
+        """Complete, committed updates not yet applied, in the topic's order (the
+        own ones included: the caller skips those, but counts them applied)."""
+        out: list[tuple[Tag, Delta | None]] = []
+        for (inc, seq), pend in sorted(self._pending.items(), key=lambda kv: kv[1].offset):
+            if len(pend.chunks) < pend.total or seq > self.confirmed.get(inc, 0):
+                continue
+            if any(i == inc and s < seq for i, s in self._pending):
+                continue  # an earlier one of this incarnation is still incomplete
+            del self._pending[(inc, seq)]
+            payload = b"".join(pend.chunks[i] for i in range(pend.total))
+            self.applied[inc] = seq
+            if not payload:
+                out.append((Tag("", inc, seq), None))
+                continue
+            try:
+                out.append((Tag("", inc, seq), Delta.loads(payload)))
+            except DeltaError as exc:
+                self.skipped["bad_delta"] += 1
+                log.warning("update %s/%d is damaged, skipped: %s", inc, seq, exc)
+        return out
+
+    def low_water(self) -> int:
+        """The offset a loader must read from to see every update not applied."""
+        return min((p.offset for p in self._pending.values()), default=self.position)
+
+
+def catch_up(bootstrap: str, topic: str, updates: UpdateLog, *, start: int,
+             stall_seconds: float, own_id: str) -> None:
+    """Read the updates topic from ``start`` to its end into ``updates``."""
+    tp = TopicPartition(topic, 0)
+    for msg in read_to_end(bootstrap, [tp], start={tp: start}, stall_seconds=stall_seconds,
+                           own_id=own_id):
+        updates.add(msg.offset, msg.key, msg.value, msg.headers)
+
+
+class UpdateFollower:
+    """Reads new updates as they come (no group: every member reads them all)."""
+
+    def __init__(self, bootstrap: str, topic: str, updates: UpdateLog):
+        self.updates = updates
+        self.consumer: KafkaConsumer = reader(bootstrap)
+        self.tp = TopicPartition(topic, 0)
+        self.consumer.assign([self.tp])
+        self.consumer.seek(self.tp, updates.position)
+
+    def poll(self) -> list[tuple[Tag, Delta | None]]:
+        for msgs in self.consumer.poll(timeout_ms=0, max_records=500).values():
+            for m in msgs:
+                self.updates.add(m.offset, m.key, m.value, m.headers)
+        return self.updates.ready()
+
+    def close(self) -> None:
+        self.consumer.close()

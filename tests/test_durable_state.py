@@ -1,0 +1,195 @@
+"""Learning that survives kill -9, restarts and rebalances.
+
+A member killed at random points and restarted under the same name continues
+exactly where its last transaction left off: every user's state is on the
+changelog as of the committed offsets, θ's changes are on the updates topic, and
+a record read again is learned once. In the end every user has learned each of
+its labels exactly once, the group's θ has counted each label once, and the
+quality is that of an uninterrupted replay.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import KafkaAdminClient
+
+from metarec.datasets.synthetic import SyntheticStream
+from metarec.session import StreamSession
+from streamer import changelog, lineage
+from streamer.durability import group_theta
+from streamer.embedded import EmbeddedBroker
+from streamer.metrics import Metrics
+from tests.helpers import auc, impression_key, produce_with_closers, read_predictions
+from tests.test_kafka_integration import Topics, metarec, produce, read_all
+from tests.test_live_path import create_topics, replay_file, run_flags
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 2
+#: unlabelled impressions, clicks 5 s to 10 min later, users in bursts, new ones arriving
+EVENTS = list(SyntheticStream(users=400, events_per_user=15, prelabelled=False,
+                              click_delay=(5.0, 600.0), seed=21).events())
+IMPRESSIONS = [e for e in EVENTS if e["type"] == "impression"]
+LABELS_PER_USER = Counter(e["user_id"] for e in IMPRESSIONS)
+AUC_TOLERANCE = 0.003
+
+
+def committed_offsets(broker: EmbeddedBroker, group: str, topic: str) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        found = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    return {tp.partition: o.offset for tp, o in found.items() if tp.topic == topic}
+
+
+def start_member(broker: EmbeddedBroker, topics: Topics, name: str, tmp: Path,
+                 *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    """``metarec run`` as member ``name``; its prediction log is appended to by
+    each run of the member, its stderr goes to a log of this run."""
+    predictions = tmp / f"{name}.predictions.jsonl"
+    runs = len(list(tmp.glob(f"{name}.*.log")))
+    log = tmp / f"{name}.{runs}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            metarec("run", *run_flags(broker, topics, PARTITIONS, predictions),
+                    "--instance-id", name, *extra),
+            stderr=err, text=True)
+    return proc, predictions, log
+
+
+def kill_when_committed(broker: EmbeddedBroker, topics: Topics, proc: subprocess.Popen[str],
+                        fraction: float, rng: np.random.Generator, log: Path) -> None:
+    """SIGKILL once the group has committed ``fraction`` of the events, plus a random
+    moment (so the kill lands anywhere in a commit's cycle, transactions included)."""
+    deadline = time.monotonic() + 120
+    while sum(committed_offsets(broker, topics.group, topics.events).values()) \
+            < fraction * len(EVENTS):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(float(rng.uniform(0.0, 1.0)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def final_state(broker: EmbeddedBroker, topics: Topics) -> tuple[StreamSession, StreamSession]:
+    """The users as the changelog holds them at the committed offsets, and the
+    group's θ (the newest version plus every later update)."""
+    settings = topics.settings(broker).with_flat(
+        partitions=PARTITIONS, item_buckets=4096, feature_buckets=1024, dim=8)
+    users = StreamSession(settings.session, durable=True)
+    topic = settings.kafka.changelog()
+    found = changelog.restore(broker.bootstrap, topic, list(range(PARTITIONS)),
+                              dict(committed_offsets(broker, topics.group, topic)),
+                              stall_seconds=5, own_id="test")
+    committed = committed_offsets(broker, topics.group, topics.events)
+    for p, state in found.items():
+        users.restore(p, state.values, committed[p])
+    start = lineage.newest(broker.bootstrap, settings.kafka.model_topic, settings.session.learner)
+    theta = StreamSession(settings.session, start.theta, durable=True,
+                          examples_learned=start.examples_learned)
+    group_theta(broker.bootstrap, settings.kafka, theta, start.lineage, Metrics())
+    return users, theta
+
+
+def restored_users(log: Path) -> int:
+    return sum(int(n) for n in re.findall(r"restored (\d+) user", log.read_text()))
+
+
+def manifests_in_topic_order(broker: EmbeddedBroker, topic: str) -> list[dict[str, Any]]:
+    return [json.loads(m.value) for m in read_all(broker, topic, 1)
+            if dict(m.headers).get("metarec-kind") == b"manifest"]
+
+
+def learned_per_user(session: StreamSession) -> dict[str, int]:
+    store = session.learner.users
+    return {u: int(store.learned[row]) for u, row in store.rows.items()}
+
+
+def last_line_per_impression(lines: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    return {impression_key(line): line for line in lines}
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """The uninterrupted reference: the events replayed from a file."""
+    tmp = tmp_path_factory.mktemp("replay")
+    done = replay_file(tmp, EVENTS, "events", "--predictions-out", str(tmp / "p.jsonl"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = read_predictions(tmp / "p.jsonl")
+    return auc([x["p"] for x in lines], [x["label"] for x in lines])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_twice_loses_nothing_learns_nothing_twice_and_keeps_each_users_k(
+        broker: EmbeddedBroker, tmp_path: Path, replayed: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    topics = Topics()
+    create_topics(broker, topics, PARTITIONS)
+    produce_with_closers(broker.bootstrap, topics.events, EVENTS, PARTITIONS)
+    lines: list[dict[str, Any]] = []
+    for fraction in (rng.uniform(0.15, 0.45), rng.uniform(0.55, 0.85)):
+        proc, predictions, log = start_member(broker, topics, "a", tmp_path)
+        kill_when_committed(broker, topics, proc, fraction, rng, log)
+    proc, predictions, log = start_member(broker, topics, "a", tmp_path,
+                                          "--idle-exit-seconds", "5")
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert restored_users(log) > 0, text[-3000:]
+
+    users, theta = final_state(broker, topics)
+    learned = learned_per_user(users)
+    # every real user is there, with each of its labels learned exactly once
+    assert {u: learned.get(u) for u in LABELS_PER_USER} == dict(LABELS_PER_USER)
+    # θ counted each label once, the closers' included
+    assert theta.learner.examples_learned == sum(learned.values())
+
+    lines = read_predictions(predictions)
+    final = last_line_per_impression(lines)
+    real = [x for key, x in final.items() if not str(x["user_id"]).startswith("closer")]
+    assert len(real) == len(IMPRESSIONS)
+    run_auc = auc([x["p"] for x in real], [x["label"] for x in real])
+    assert abs(run_auc - replayed) <= AUC_TOLERANCE, (run_auc, replayed)
+
+
+def test_a_restart_after_a_clean_stop_starts_from_the_committed_state(
+        broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Stopped with SIGTERM halfway and started again: the second run restores every
+    user the first one taught, and the model versions go on in one lineage."""
+    topics = Topics()
+    create_topics(broker, topics, PARTITIONS)
+    half = len(EVENTS) // 2
+    # no closers yet: the last hour's impressions are still pending at the stop
+    produce(broker, topics.events, EVENTS[:half], [])
+    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "4")
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    first, _ = final_state(broker, topics)
+    taught = {u: k for u, k in learned_per_user(first).items() if k}
+    assert taught
+
+    produce_with_closers(broker.bootstrap, topics.events, EVENTS[half:], PARTITIONS)
+    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "4")
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert restored_users(log) >= len(taught)
+    second, theta = final_state(broker, topics)
+    learned = learned_per_user(second)
+    assert all(learned[u] >= k for u, k in taught.items())
+    assert {u: learned.get(u) for u in LABELS_PER_USER} == dict(LABELS_PER_USER)
+    assert theta.learner.examples_learned == sum(learned.values())
+    manifests = manifests_in_topic_order(broker, topics.model)
+    versions = [m["version"] for m in manifests]
+    assert len(versions) >= 2 and versions == sorted(set(versions)), versions
+    assert [m["examples_learned"] for m in manifests] == sorted(
+        m["examples_learned"] for m in manifests)
