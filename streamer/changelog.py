@@ -13,8 +13,11 @@ name someone else.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kafka import TopicPartition
@@ -55,7 +58,28 @@ def restore(bootstrap: str, topic: str, partitions: list[int],
             committed: dict[int, int | None], *, stall_seconds: float,
             own_id: str) -> dict[int, PartitionState]:
     """Each partition's users, as of its committed offsets; ``committed``: the
-    group's committed offset of each changelog partition (a transaction's stamp)."""
+    group's committed offset of each changelog partition (a transaction's stamp).
+    The garbage collector is paused: a million users make several million small
+    objects, all alive until the end, and its passes over them took half the time."""
+    with gc_paused():
+        return _restore(bootstrap, topic, partitions, committed,
+                        stall_seconds=stall_seconds, own_id=own_id)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _restore(bootstrap: str, topic: str, partitions: list[int],
+             committed: dict[int, int | None], *, stall_seconds: float,
+             own_id: str) -> dict[int, PartitionState]:
     tps = [TopicPartition(topic, p) for p in partitions]
     found = {p: PartitionState() for p in partitions}
     # per user key, per incarnation, the last two values: the newest may be of an

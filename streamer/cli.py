@@ -15,6 +15,7 @@ import enum
 import errno
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # METAREC_LOG_LEVEL=DEBUG: every transaction, restore and update, for diagnosis
+    logging.basicConfig(level=os.environ.get("METAREC_LOG_LEVEL", "INFO").upper(),
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python warns whenever learning holds its I/O loop for 100 ms; not news
     logging.getLogger("kafka").setLevel(logging.ERROR)

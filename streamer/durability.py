@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from metarec.session import StreamSession
 from metarec.theta_state import Delta, DeltaError
@@ -34,11 +34,13 @@ log = logging.getLogger("metarec.state")
 
 class DurableState:
     def __init__(self, bootstrap: str, kafka: KafkaSettings, update_log: UpdateLog,
-                 metrics: Metrics, incarnation: str, writer: ModelWriter):
+                 metrics: Metrics, incarnation: str, writer: ModelWriter,
+                 notifier: KafkaProducer):
         self.bootstrap, self.kafka, self.metrics = bootstrap, kafka, metrics
         self.writer = writer
         self.update_log = update_log
-        self.committer = Committer(bootstrap, kafka, update_log, metrics, incarnation)
+        self.committer = Committer(bootstrap, kafka, update_log, metrics, incarnation,
+                                   notifier)
         self.follower = UpdateFollower(bootstrap, kafka.updates(), update_log)
         self._to_restore: set[TopicPartition] = set()
         self._rollback = False
@@ -51,6 +53,8 @@ class DurableState:
 
     def revoked(self) -> None:
         self._rollback = True
+        self._to_restore.clear()
+        self.committer.markers.clear()  # of partitions another member restores now
 
     def wants_commit(self, consumer: KafkaConsumer) -> bool:
         """A model version is due: commit now, and it follows."""
@@ -62,11 +66,10 @@ class DurableState:
         """Roll back, restore and follow as needed; True if the session went back
         to the last durable point (the caller forgets its positions)."""
         rolled = self._rollback
-        if rolled:
+        if rolled:  # the partitions assigned next are restored as they come
             self._rollback = False
             self.metrics.rollbacks.inc()
             session.rollback()
-            self._to_restore |= consumer.assignment()
         if self._to_restore:
             self._restore(session, consumer)
         apply_updates(session, self.follower.poll(), self.update_log, self.metrics)
@@ -89,7 +92,8 @@ class DurableState:
         for tp in tps:
             c = committed[tp]
             since = c if c is not None and c >= 0 else 0
-            restored = session.restore(tp.partition, found[tp.partition].values, since)
+            with changelog.gc_paused():
+                restored = session.restore(tp.partition, found[tp.partition].values, since)
             users += len(restored.users)
             if restored.refused:
                 log.warning("partition %d: %d user value(s) of another layout or damaged, "
@@ -104,7 +108,7 @@ class DurableState:
             # is learned on top
             for inc, seq in found[tp.partition].confirmed.items():
                 self.update_log.confirmed.note(inc, seq)
-        apply_updates(session, self.follower.poll(), self.update_log, self.metrics)
+        apply_updates(session, self.follower.poll_now(), self.update_log, self.metrics)
         consumer.resume(*tps)
         self.metrics.restored_users.inc(users)
         log.info("restored %d user(s) of partition(s) %s in %.2f s", users,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -26,12 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec.snapshot import SCHEMA
 from streamer.errors import ModelTopicError
 from streamer.kafka_io import MAX_MESSAGE_BYTES, read_range
+from streamer.txn_log import read_to_end
 
 CHUNK_BYTES = 900_000
 log = logging.getLogger(__name__)
@@ -265,9 +267,17 @@ class VersionAssembler:
 
 
 def read_versions(bootstrap_servers: str, topic: str, *,
-                  want: int | None = None) -> VersionAssembler:
-    """Read the whole model topic (no consumer group, nothing committed)."""
+                  want: int | None = None, settle: bool = True) -> VersionAssembler:
+    """Read the whole model topic (no consumer group, nothing committed). Without
+    ``settle``, only to the end the broker reports now (no wait for a late batch:
+    for a writer taking over, which must not stall its member)."""
     assembler = VersionAssembler(want)
+    if not settle:
+        tp = TopicPartition(topic, 0)
+        for msg in read_to_end(bootstrap_servers, [tp], start={}, stall_seconds=math.inf,
+                               own_id=""):
+            assembler.add(msg.key, msg.value, msg.headers)
+        return assembler
     for poll in read_range(bootstrap_servers, topic, max_records=500, missing_ok=True,
                            headers=True):
         for rec in poll.records:

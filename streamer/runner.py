@@ -134,7 +134,7 @@ class Runner:
                                      update_log)
                 incarnation = next(iter(update_log.own))
                 durable = DurableState(self.bootstrap, k, update_log, self.metrics, incarnation,
-                                       writer)
+                                       writer, prod)
             source = self._source = GroupSource(
                 cons, k, max_records=s.session.max_batch_records,
                 idle_exit_seconds=s.ops.idle_exit_seconds, metrics=self.metrics,

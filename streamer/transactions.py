@@ -40,10 +40,12 @@ class Committer:
     """One transactional producer, and the sequence of its transactions."""
 
     def __init__(self, bootstrap: str, kafka: KafkaSettings, update_log: UpdateLog,
-                 metrics: Metrics, incarnation: str):
+                 metrics: Metrics, incarnation: str, notifier: KafkaProducer):
+        """``notifier``: a producer outside transactions, for the confirmations."""
         self.bootstrap, self.kafka, self.metrics = bootstrap, kafka, metrics
         self.transactional_id = kafka.transactional_id()
         self.update_log = update_log
+        self.notifier = notifier
         self.incarnation, self.seq = incarnation, 0
         self._stamp = 0
         update_log.own.add(incarnation)
@@ -113,6 +115,14 @@ class Committer:
             session.rollback()
             return False
         session.committed()
+        log.debug("transaction %s committed: %d user value(s), θ rows %s, offsets %s",
+                  tag.text(), sum(len(v) for v in checkpoint.users.values()),
+                  {n: len(r) for n, r in checkpoint.theta.rows.items()}
+                  if checkpoint.theta is not None else {},
+                  {tp.partition: o for tp, o in offsets.items()})
+        key, value, headers = updates.confirmation(tag)
+        self.notifier.send(self.kafka.updates(), key=key, value=value, partition=0,
+                           headers=headers)  # not waited for: a later one confirms too
         self.seq = tag.seq
         self.update_log.applied[self.incarnation] = tag.seq
         self.markers.clear()

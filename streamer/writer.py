@@ -41,7 +41,7 @@ class ModelWriter:
             self.epoch = None
             return
         if self.epoch is None:
-            found = read_versions(self.bootstrap, self.model_topic)
+            found = read_versions(self.bootstrap, self.model_topic, settle=False)
             self.epoch = found.epoch + 1
             newest = found.newest.manifest.version if found.newest is not None else None
             if newest is not None and newest > (self.publisher.version or 0):
