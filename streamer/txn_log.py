@@ -38,6 +38,9 @@ from streamer.kafka_io import MAX_MESSAGE_BYTES
 log = logging.getLogger("metarec.txn")
 
 TXN_HEADER = "metarec-txn"
+#: how long a read at the reported end of a partition goes on finding nothing
+#: before it ends
+END_QUIET_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,19 @@ def read_to_end(bootstrap: str, tps: list[TopicPartition], *, start: dict[TopicP
         ends = _high_watermarks(bootstrap, tps)
         left = set(tps)
         stalled_since: dict[TopicPartition, float] = {}
+        quiet_since = time.monotonic()
         while left:
             polled = cons.poll(timeout_ms=100, max_records=2000)
             for msgs in polled.values():
                 yield from msgs
             now = time.monotonic()
+            if polled:
+                quiet_since = now
             for tp in list(left):
                 position = cons.position(tp)
-                if position >= ends[tp]:
+                # a broker may report the newest batch late: at the end, read on
+                # until a poll has found nothing for a moment
+                if position >= ends[tp] and now - quiet_since >= END_QUIET_SECONDS:
                     left.discard(tp)
                 elif tp not in polled:
                     since = stalled_since.setdefault(tp, now)

@@ -38,21 +38,21 @@ pytestmark = pytest.mark.integration
 
 PARTITIONS = 2
 #: unlabelled impressions, clicks 5 s to 10 min later, users in bursts, new ones arriving
-EVENTS = list(SyntheticStream(users=400, events_per_user=15, prelabelled=False,
+EVENTS = list(SyntheticStream(users=300, events_per_user=15, prelabelled=False,
                               click_delay=(5.0, 600.0), seed=21).events())
 IMPRESSIONS = [e for e in EVENTS if e["type"] == "impression"]
 LABELS_PER_USER = Counter(e["user_id"] for e in IMPRESSIONS)
-#: a live stream for the group: an hour of event time at 200x (about 18 s), labels at
-#: the end of 15-minute windows while it runs
+#: a live stream for the group: an hour of event time at 300x (12 s), labels at the
+#: end of 15-minute windows while it runs
 LIVE = list(SyntheticStream(users=300, events_per_user=12, prelabelled=False,
                             click_delay=(5.0, 600.0), span_seconds=3600.0,
                             session_gap_seconds=600.0, seed=22).events())
-LIVE_SPEED = 200.0
+LIVE_SPEED = 300.0
 LIVE_WINDOW = ["--attribution-window-seconds", "900"]
 #: a restarted member's users and θ are exactly as committed, but its random draws
 #: (item starts, meta-update samples) and micro-batch boundaries are not the ones
-#: an uninterrupted run would have made: on this stream of 5,910 impressions (the
-#: AUC's own standard error is 0.009) that moves the AUC by up to about 0.007 either
+#: an uninterrupted run would have made: on this stream of 4,418 impressions (the
+#: AUC's own standard error is 0.01) that moves the AUC by up to about 0.007 either
 #: way; bench/durability.py measures the same on MovieLens-100K
 AUC_TOLERANCE = 0.01
 #: members learn θ on their own partitions and merge each other's changes a commit
@@ -171,7 +171,7 @@ def test_kill_9_twice_loses_nothing_learns_nothing_twice_and_keeps_each_users_k(
         proc, predictions, log = start_member(broker, topics, "a", tmp_path)
         kill_when_committed(broker, topics, proc, fraction * len(EVENTS), rng, log)
     proc, predictions, log = start_member(broker, topics, "a", tmp_path,
-                                          "--idle-exit-seconds", "5")
+                                          "--idle-exit-seconds", "3")
     # the prediction log of every run of the member: one line per label learned
     # (a run killed before its commit wrote lines for labels learned again later)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
@@ -203,14 +203,14 @@ def test_a_restart_after_a_clean_stop_starts_from_the_committed_state(
     half = len(EVENTS) // 2
     # no closers yet: the last hour's impressions are still pending at the stop
     produce(broker, topics.events, EVENTS[:half], [])
-    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "4")
+    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "3")
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     first, _ = final_state(broker, topics)
     taught = {u: k for u, k in learned_per_user(first).items() if k}
     assert taught
 
     produce_with_closers(broker.bootstrap, topics.events, EVENTS[half:], PARTITIONS)
-    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "4")
+    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "3")
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     assert restored_users(log) >= len(taught)
     second, theta = final_state(broker, topics)
@@ -235,7 +235,7 @@ def test_a_group_of_three_with_a_member_joining_and_one_killed_learns_one_model(
     topics = Topics()
     create_topics(broker, topics, partitions)
     flags = ["--partitions", str(partitions), "--stalled-transaction-seconds", "3",
-             "--idle-exit-seconds", "10", "--publish-every", "1", *LIVE_WINDOW]
+             "--idle-exit-seconds", "6", "--publish-every", "1", *LIVE_WINDOW]
     rng = np.random.default_rng(3)
     a, _, log_a = start_member(broker, topics, "a", tmp_path, *flags)
     b, _, log_b = start_member(broker, topics, "b", tmp_path, *flags)
