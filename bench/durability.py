@@ -80,8 +80,8 @@ EVENTS_TOPIC = "bench.durability.events"
 MEMBER = "member-a"
 #: (user_id, item_id, timestamp): an impression, as the prediction log names it
 Key = tuple[str, str, float]
-#: a line of a member's log that a metarec.* logger wrote at WARNING or above
-LOUD = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (metarec[\w.]*): (.*)$")
+#: a line of a member's log that a logger wrote at WARNING or above
+LOUD = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
 #: the settings printed with the figures (all others are the defaults too)
 SHOWN = ("algorithm", "dim", "item_buckets", "feature_buckets", "inner_lr", "inner_steps",
          "recency", "meta_every", "meta_users", "task_size", "online_lr", "seed",
@@ -299,14 +299,21 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def loud_lines(logs: list[Path]) -> tuple[Counter[str], int]:
-    """metarec.* warnings and errors (logger and message, numbers blanked), and
-    tracebacks, in the members' logs."""
+    """Warnings and errors of any logger (metarec.*, and kafka-python's errors: the
+    members log kafka.* at ERROR and above) in the members' logs, numbers blanked;
+    and tracebacks, each counted under its log's name and the exception's line."""
     found: Counter[str] = Counter()
     tracebacks = 0
     for log in logs:
+        in_traceback = False
         for line in log.read_text().splitlines():
             if line.startswith("Traceback"):
                 tracebacks += 1
+                in_traceback = True
+                continue
+            if in_traceback and line and not line.startswith(" "):
+                found[f"traceback in {log.name.split('.')[0]}: {blank_numbers(line)}"] += 1
+                in_traceback = False
             m = LOUD.match(line)
             if m:
                 found[f"{m.group(1)} {m.group(2)}: {blank_numbers(m.group(3))}"] += 1
@@ -520,7 +527,8 @@ def report(rows: list[dict[str, Any]], cmd: str, settings: str, seconds: float,
                      f"{r['theta_killed'] - r['learned_sum_killed']:+,} / "
                      f"{r['theta_uninterrupted'] - r['learned_sum_uninterrupted']:+,}"
                      for r in rows))
-    lines += ["", f"Members' logs: {tracebacks} traceback(s); metarec.* warnings and errors "
+    lines += ["", f"Members' logs: {tracebacks} traceback(s); warnings and errors of "
+              f"metarec.* (and kafka.* errors; tracebacks by their exception) "
               f"({sum(loud.values())}):" + ("" if loud else " none")]
     lines += [f"- {n} x {text}" for text, n in loud.most_common(20)]
     lines += [f"This process's reads of the final state: metarec.* warnings and errors "

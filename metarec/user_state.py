@@ -74,39 +74,54 @@ class UserCodec:
 
     def decode(self, values: Iterable[tuple[str, bytes]], *, since: int) -> Restored:
         """Load these users' values into the store; offsets below ``since`` (the
-        committed offset) are not read again, so they are left out."""
+        committed offset) are not read again, so they are left out. A value with
+        no offsets (most of them) is one row of a single array over all of them."""
+        head, size = len(self.header), self.row.itemsize
+        plain = head + size + 2 * _COUNT.size
+        empty = self.header, _COUNT.pack(0) * 2
         users: list[str] = []
         rows: list[bytes] = []
         done: set[int] = set()
         scores: dict[int, tuple[float, int]] = {}
         refused = 0
-        head, size = len(self.header), self.row.itemsize
         for user, value in values:
+            if len(value) == plain and value.startswith(empty[0]) and value.endswith(empty[1]):
+                users.append(user)
+                rows.append(value)
+                continue
             try:
-                if value[:head] != self.header:
-                    raise UserStateError("another layout")
-                at = head + size
-                row = value[head:at]
-                n, at = _COUNT.unpack_from(value, at)[0], at + 4
-                offsets = np.frombuffer(value, np.int64, n, at)
-                p = np.frombuffer(value, np.float32, n, at + 8 * n)
-                k = np.frombuffer(value, np.int64, n, at + 12 * n)
-                at += 20 * n
-                m, at = _COUNT.unpack_from(value, at)[0], at + 4
-                d = np.frombuffer(value, np.int64, m, at)
-                if at + 8 * m != len(value) or len(row) != size:
-                    raise UserStateError("wrong length")
+                row, offsets, p, k, d = self._parse(value)
             except (UserStateError, struct.error, ValueError):
                 refused += 1
                 continue
             users.append(user)
-            rows.append(row)
+            rows.append(value[:head] + row + empty[1])
             scores.update((int(o), (float(pp), int(kk)))
                           for o, pp, kk in zip(offsets, p, k, strict=True) if o >= since)
             done.update(int(o) for o in d if o >= since)
-        packed = np.frombuffer(b"".join(rows), dtype=self.row)
+        packed = np.frombuffer(b"".join(rows), dtype=np.dtype(
+            [("head", np.void, head), ("row", self.row), ("counts", np.void, 8)]))["row"]
         self.store.load(users, UserRows(*(packed[n] for n in UserRows._fields)))
         return Restored(users, done, scores, refused)
+
+    def _parse(self, value: bytes) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray,
+                                            np.ndarray]:
+        """A value's row, and its pending offsets, scores, counts and done offsets."""
+        head, size = len(self.header), self.row.itemsize
+        if value[:head] != self.header:
+            raise UserStateError("another layout")
+        at = head + size
+        row = value[head:at]
+        n, at = _COUNT.unpack_from(value, at)[0], at + _COUNT.size
+        offsets = np.frombuffer(value, np.int64, n, at)
+        p = np.frombuffer(value, np.float32, n, at + 8 * n)
+        k = np.frombuffer(value, np.int64, n, at + 12 * n)
+        at += 20 * n
+        m, at = _COUNT.unpack_from(value, at)[0], at + _COUNT.size
+        d = np.frombuffer(value, np.int64, m, at)
+        if at + 8 * m != len(value) or len(row) != size:
+            raise UserStateError("wrong length")
+        return row, offsets, p, k, d
 
 
 @dataclass

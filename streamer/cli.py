@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python warns whenever learning holds its I/O loop for 100 ms; not news
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    # kafka-python 3.0.12's shared I/O loop logs tracebacks when a socket closes under
+    # a task (a client closed while the broker is down, or while another client of
+    # the process connects); it recovers, and the connection errors that matter are
+    # kafka.net.connection's
+    for name in ("kafka.net.transport", "kafka.net.selector"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     if args.command == "drift":
