@@ -89,6 +89,22 @@ SHOWN = ("algorithm", "dim", "item_buckets", "feature_buckets", "inner_lr", "inn
          "publish_min_seconds", "durable_state")
 
 
+def code_version() -> str:
+    """The commit measured, and whether the work tree differs from it (the members
+    import the tree as it is when each starts)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True,
+                               check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (f" with changes to {', '.join(changed)}" if changed else " (clean)")
+
+
 def shown_settings(settings: Settings) -> str:
     return ", ".join(f"{name}={functools.reduce(getattr, LEAVES[name].path, settings)}"
                      for name in SHOWN)
@@ -467,7 +483,7 @@ def med(rows: list[dict[str, Any]], name: str) -> float:
 
 def report(rows: list[dict[str, Any]], cmd: str, settings: str, seconds: float,
            loud: Counter[str], own: Counter[str], tracebacks: int, first: int,
-           kill_at: list[float]) -> list[str]:
+           kill_at: list[float], code: str) -> list[str]:
     kills = " and ".join(f"{f:.0%}" for f in kill_at)
     lines = [f"### Kill -9 at {kills} of the records committed (+0-1 s), MovieLens-100K, "
              f"{PARTITIONS} partitions, embedded broker", "",
@@ -539,7 +555,7 @@ def report(rows: list[dict[str, Any]], cmd: str, settings: str, seconds: float,
               f"uninterrupted one, add `--idle-exit-seconds`): `{cmd}`", "",
               f"Settings (defaults, as the member sees them): {settings}; METAREC_ "
               f"variables set: {', '.join(env) or 'none'}.", "",
-              f"Whole bench: {seconds:.0f} s."]
+              f"Code: {code}.", "", f"Whole bench: {seconds:.0f} s."]
     return lines
 
 
@@ -564,6 +580,7 @@ def main() -> int:
     own = LoudHandler()
     logging.getLogger().addHandler(own)
     t0 = time.perf_counter()
+    code = code_version()
     work = Path(tempfile.mkdtemp(prefix="bench-durability-")) if args.keep is None else args.keep
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -606,8 +623,11 @@ def main() -> int:
                       *command("<bootstrap>", Names("killed", 0, "<tag>"),
                                Path("<predictions.jsonl>"))[4:]])
     settings = shown_settings(Names("killed", 0).settings("<bootstrap>"))
+    after = code_version()
+    if after != code:
+        code = f"{code} at the start, {after} at the end: the code changed during the bench"
     print("\n".join(report(rows, cmd, settings, time.perf_counter() - t0, loud, own.found,
-                           tracebacks, args.first_events, args.kill_at)))
+                           tracebacks, args.first_events, args.kill_at, code)))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

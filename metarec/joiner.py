@@ -203,7 +203,10 @@ class Joiner:
             return [Labelled(imp, float(imp.clicked), scored, partition, offset)]
         orphan = self._orphans.pop((imp_id, imp.user_id, imp.item_id), None)
         clicked = orphan is not None and 0 <= orphan[0] - imp.timestamp <= self.window
-        click_offset = orphan[2] if clicked and orphan is not None else -1
+        # a click's offset says where it is read again only in its impression's
+        # partition (events keyed by user id share one)
+        click_offset = orphan[2] if clicked and orphan is not None and \
+            orphan[1] == partition else -1
         if clicked and self.release is ClickRelease.ON_ARRIVAL:
             self.stats["clicked"] += 1
             self._remember(imp)
@@ -249,11 +252,12 @@ class Joiner:
             if pend.clicked:
                 self.stats["duplicate_click"] += 1
             else:
-                pend.clicked, pend.click_offset = True, offset
+                pend.clicked = True
+                pend.click_offset = offset if partition == pend.partition else -1
             return []
         self._pop(click.impression_id)  # its heap entry is skipped when popped
         self.stats["clicked"] += 1
-        pend.click_offset = offset
+        pend.click_offset = offset if partition == pend.partition else -1
         return [pend.labelled(1.0)]
 
     def revoke(self, partitions: Iterable[int]) -> None:
@@ -283,6 +287,11 @@ class Joiner:
             self.pending_bytes -= pend.size
             self._remember(pend.impression)
         return pend
+
+    def remember(self, imp: Impression) -> None:
+        """An impression learned before (read again after a restart): a repeat of
+        its id is a duplicate."""
+        self._remember(imp)
 
     def _remember(self, imp: Impression) -> None:
         self._seen[imp.impression_id] = imp.timestamp + self.dedup_horizon

@@ -212,7 +212,12 @@ class StreamSession:
         skip = self._skip
         for rec in records:
             if skip and rec.offset in skip.get(rec.partition, ()):
+                # learned before the crash: not again, but its id is remembered,
+                # so a later repeat of it is still a duplicate
                 counts["already_learned"] += 1
+                done = decode_event(rec.value, max_bytes=max_bytes)
+                if isinstance(done, Impression):
+                    self._joiner.remember(done)
                 continue
             event = decode_event(rec.value, max_bytes=max_bytes)
             if not isinstance(event, Rejected) and event.timestamp > latest:
@@ -308,10 +313,10 @@ class StreamSession:
         read again from offset ``since``."""
         found = self._codec.decode(values, since=since)
         if self._changes is not None:
-            for user in found.users:
-                self._changes.partition[user] = partition
-        self._skip[partition] = found.done
-        self._restored_scores.update(((partition, o), s) for o, s in found.scores.items())
+            self._changes.restored(partition, found)
+        self._skip[partition] = {o for offsets in found.done.values() for o in offsets}
+        self._restored_scores.update(((partition, o), s) for pending in found.scores.values()
+                                     for o, s in pending.items())
         return found
 
     def apply_delta(self, delta: Delta) -> None:

@@ -26,6 +26,10 @@ from metarec.users import UserRows, UserStore
 
 MAGIC = b"MRU1"
 _COUNT = struct.Struct("<I")
+#: offsets a user's value keeps at most, of each kind (about 500 KB: a value must
+#: fit in one Kafka message); past it the oldest are dropped, and a crash would
+#: learn those again
+MAX_OFFSETS = 20_000
 
 
 class UserStateError(MetarecError, ValueError):
@@ -38,8 +42,8 @@ class Restored:
     records to be read again."""
 
     users: list[str]
-    done: set[int]  # offsets whose effect the state already holds
-    scores: dict[int, tuple[float, int]]  # offset -> (p, k) of a pending impression
+    done: dict[str, list[int]]  # by user, offsets whose effect the state already holds
+    scores: dict[str, dict[int, tuple[float, int]]]  # by user, offset -> (p, k) pending
     refused: int  # values of another layout, or damaged
 
 
@@ -81,8 +85,8 @@ class UserCodec:
         empty = self.header, _COUNT.pack(0) * 2
         users: list[str] = []
         rows: list[bytes] = []
-        done: set[int] = set()
-        scores: dict[int, tuple[float, int]] = {}
+        done: dict[str, list[int]] = {}
+        scores: dict[str, dict[int, tuple[float, int]]] = {}
         refused = 0
         for user, value in values:
             if len(value) == plain and value.startswith(empty[0]) and value.endswith(empty[1]):
@@ -96,9 +100,13 @@ class UserCodec:
                 continue
             users.append(user)
             rows.append(value[:head] + row + empty[1])
-            scores.update((int(o), (float(pp), int(kk)))
-                          for o, pp, kk in zip(offsets, p, k, strict=True) if o >= since)
-            done.update(int(o) for o in d if o >= since)
+            pending = {int(o): (float(pp), int(kk))
+                       for o, pp, kk in zip(offsets, p, k, strict=True) if o >= since}
+            if pending:
+                scores[user] = pending
+            learned = [int(o) for o in d if o >= since]
+            if learned:
+                done[user] = learned
         packed = np.frombuffer(b"".join(rows), dtype=np.dtype(
             [("head", np.void, head), ("row", self.row), ("counts", np.void, 8)]))["row"]
         self.store.load(users, UserRows(*(packed[n] for n in UserRows._fields)))
@@ -158,12 +166,14 @@ class UserChanges:
         for user in self.dirty:
             p = self.partition[user]
             since = committed.get(p, 0)
-            done = [o for o in self.done.get(user, ()) if o >= since]
+            done = [o for o in self.done.get(user, ()) if o >= since][-MAX_OFFSETS:]
             if done:
                 self.done[user] = done
             else:
                 self.done.pop(user, None)
             scores = {o: s for o, s in self.scores.get(user, {}).items() if o >= since}
+            if len(scores) > MAX_OFFSETS:
+                scores = dict(sorted(scores.items())[-MAX_OFFSETS:])
             if scores:
                 self.scores[user] = scores
             else:
@@ -174,6 +184,16 @@ class UserChanges:
             pending.append(scores)
         self.dirty = set()
         return out
+
+    def restored(self, partition: int, found: Restored) -> None:
+        """Users restored from ``partition``'s store, with what their values still
+        hold of records to be read again (kept in their next values)."""
+        for user in found.users:
+            self.partition[user] = partition
+        for user, offsets in found.done.items():
+            self.done[user] = offsets
+        for user, pending in found.scores.items():
+            self.scores[user] = dict(pending)
 
     def forget(self, partitions: Iterable[int] | None = None) -> None:
         """Drop what is known of these partitions' users (None: of all)."""

@@ -13,15 +13,13 @@ name someone else.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kafka import TopicPartition
 
+from streamer.gc_pause import gc_paused
 from streamer.txn_log import Confirmed, Tag, read_to_end
 
 log = logging.getLogger("metarec.changelog")
@@ -66,17 +64,6 @@ def restore(bootstrap: str, topic: str, partitions: list[int],
                         stall_seconds=stall_seconds, own_id=own_id)
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _restore(bootstrap: str, topic: str, partitions: list[int],
              committed: dict[int, int | None], *, stall_seconds: float,
              own_id: str) -> dict[int, PartitionState]:
@@ -93,7 +80,7 @@ def _restore(bootstrap: str, topic: str, partitions: list[int],
         if key is not None and key.startswith(MARKER):
             try:
                 _marker(state, key, value or b"")
-            except ValueError:
+            except (ValueError, UnicodeDecodeError, OverflowError):
                 state.skipped["bad_marker"] += 1
             continue
         tag = Tag.of(msg.headers)

@@ -22,9 +22,10 @@ from metarec.session import StreamSession
 from metarec.theta_state import Delta, DeltaError
 from streamer import changelog
 from streamer.config import KafkaSettings
+from streamer.gc_pause import gc_paused
 from streamer.metrics import Metrics
 from streamer.model_topic import Lineage
-from streamer.transactions import Committer, new_incarnation
+from streamer.transactions import Committer
 from streamer.txn_log import Tag
 from streamer.updates import UpdateFollower, UpdateLog, catch_up
 from streamer.writer import ModelWriter
@@ -54,7 +55,8 @@ class DurableState:
     def revoked(self) -> None:
         self._rollback = True
         self._to_restore.clear()
-        self.committer.markers.clear()  # of partitions another member restores now
+        self.committer.revoked()
+        self.writer.revoked()
 
     def wants_commit(self, consumer: KafkaConsumer) -> bool:
         """A model version is due: commit now, and it follows."""
@@ -81,10 +83,14 @@ class DurableState:
         if not tps:
             return
         t0 = time.perf_counter()
-        committed = {tp: consumer.committed(tp) for tp in tps}
+        # a transaction of this member left open (its commit failed, and so did the
+        # new producer) would block the restore: a producer of its id aborts it
+        self.committer.ensure_open()
+        timeout = self.kafka.session_timeout_ms
+        committed = {tp: consumer.committed(tp, timeout_ms=timeout) for tp in tps}
         topic = self.kafka.changelog()
-        stamps = {tp.partition: consumer.committed(TopicPartition(topic, tp.partition))
-                  for tp in tps}
+        stamps = {tp.partition: consumer.committed(TopicPartition(topic, tp.partition),
+                                                   timeout_ms=timeout) for tp in tps}
         found = changelog.restore(self.bootstrap, topic, [tp.partition for tp in tps], stamps,
                                   stall_seconds=self.kafka.stalled_transaction_seconds,
                                   own_id=self.committer.transactional_id)
@@ -92,7 +98,7 @@ class DurableState:
         for tp in tps:
             c = committed[tp]
             since = c if c is not None and c >= 0 else 0
-            with changelog.gc_paused():
+            with gc_paused():
                 restored = session.restore(tp.partition, found[tp.partition].values, since)
             users += len(restored.users)
             if restored.refused:
@@ -142,7 +148,7 @@ def apply_updates(session: StreamSession, ready: list[tuple[Tag, Delta | None]],
     """Other members' committed θ updates into the session; how many."""
     n = 0
     for tag, delta in ready:
-        if delta is None or tag.incarnation in update_log.own:
+        if delta is None or update_log.is_own(tag):
             continue
         try:
             session.apply_delta(delta)
@@ -156,11 +162,11 @@ def apply_updates(session: StreamSession, ready: list[tuple[Tag, Delta | None]],
 
 
 def group_theta(bootstrap: str, kafka: KafkaSettings, session: StreamSession, lineage: Lineage,
-                metrics: Metrics) -> UpdateLog:
+                metrics: Metrics, incarnation: str) -> UpdateLog:
     """θ of the group into ``session`` (already holding the model version of
     ``lineage``): every committed update of every member that it does not hold.
-    The returned log goes on from there, under a new incarnation of this process."""
-    update_log = UpdateLog(own={new_incarnation()})
+    The returned log goes on from there, under ``incarnation`` of this process."""
+    update_log = UpdateLog(own={incarnation: 0})
     update_log.applied.update(lineage.applied)
     catch_up(bootstrap, kafka.updates(), update_log, start=lineage.updates_offset,
              stall_seconds=kafka.stalled_transaction_seconds, own_id=kafka.transactional_id())

@@ -103,9 +103,12 @@ class GroupSource(ConsumerRebalanceListener):
             self._commit(session)
 
     def close(self, session: StreamSession) -> None:
-        self._commit(session, final=True)
-        if self.durable is not None:
-            self.durable.close(session, self.consumer, self.kafka.session_timeout_ms / 1000)
+        try:
+            self._commit(session, final=True)
+        finally:  # the writer's last version is of θ as last committed either way
+            if self.durable is not None:
+                self.durable.close(session, self.consumer,
+                                   self.kafka.session_timeout_ms / 1000)
 
     def lag(self) -> int | None:
         """Records behind the end of the assigned partitions (brokers may under-report

@@ -95,6 +95,10 @@ class Publisher:
         self._worker = ThreadPoolExecutor(1, "metarec-publish") if background else None
         self._pending: Future[Manifest] | None = None
 
+    def number_after(self, version: int) -> None:
+        """The next version is numbered after ``version`` (another writer's newest)."""
+        self.version = max(self.version or 0, version)
+
     def after_meta_update(self, snapshot: Callable[[], ModelSnapshot]) -> None:
         self.note_meta()
         if self.due:

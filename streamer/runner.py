@@ -37,6 +37,7 @@ from streamer.sinks import (
     ProgressLine,
     Sink,
 )
+from streamer.transactions import new_incarnation
 from streamer.updates import UpdateLog
 from streamer.warmup import warm_up
 from streamer.writer import ModelWriter
@@ -94,14 +95,15 @@ class Runner:
         session = StreamSession(s.session, start.theta, event_times=s.replay.event_times(),
                                 durable=k.durable_state,
                                 examples_learned=start.examples_learned)
-        update_log = None
+        update_log, incarnation = None, new_incarnation()
         if k.durable_state:
-            update_log = group_theta(self.bootstrap, k, session, start.lineage, self.metrics)
+            update_log = group_theta(self.bootstrap, k, session, start.lineage, self.metrics,
+                                     incarnation)
             log.info("θ: model version %s and the group's later updates (%d examples)",
                      start.parent or "none (fresh)", session.learner.examples_learned)
         warm_up(s.session)  # before joining the group: the first batch is then like the rest
         try:
-            source, publisher = self._consume(session, start, update_log)
+            source, publisher = self._consume(session, start, update_log, incarnation)
         finally:
             if self._watchdog is not None:  # the shutdown finished (or failed) in time
                 self._watchdog.cancel()
@@ -116,7 +118,8 @@ class Runner:
         )
 
     def _consume(self, session: StreamSession, start: lineage.Start,
-                 update_log: UpdateLog | None) -> tuple[GroupSource, Publisher]:
+                 update_log: UpdateLog | None, incarnation: str
+                 ) -> tuple[GroupSource, Publisher]:
         """The group member's loop, its clients closed at the end."""
         s, k = self.settings, self.settings.kafka
         with ExitStack() as stack:
@@ -132,7 +135,6 @@ class Runner:
             if update_log is not None:
                 writer = ModelWriter(self.bootstrap, k.events_topic, k.model_topic, publisher,
                                      update_log)
-                incarnation = next(iter(update_log.own))
                 durable = DurableState(self.bootstrap, k, update_log, self.metrics, incarnation,
                                        writer, prod)
             source = self._source = GroupSource(

@@ -48,7 +48,7 @@ class Committer:
         self.notifier = notifier
         self.incarnation, self.seq = incarnation, 0
         self._stamp = 0
-        update_log.own.add(incarnation)
+        update_log.own.setdefault(incarnation, 0)
         # what the next transaction must confirm: restore markers by changelog
         # partition, and the same facts for the updates topic
         self.markers: dict[int, list[tuple[str, int]]] = {}
@@ -65,6 +65,20 @@ class Committer:
             max_request_size=2 * MAX_MESSAGE_BYTES,
             transaction_timeout_ms=max(60_000, 4 * self.kafka.session_timeout_ms))
         self.producer.init_transactions()
+
+    def ensure_open(self) -> None:
+        """A producer, if the last attempt to make one failed (starting it aborts
+        what this member left open)."""
+        if self.producer is None:
+            try:
+                self._open()
+            except KafkaError as exc:
+                log.warning("transactional producer not available: %s", exc)
+                self.producer = None
+
+    def revoked(self) -> None:
+        """The partitions went to others: owe their changelog no more markers."""
+        self.markers.clear()
 
     def restored(self, partition: int, committed: Tag | None) -> None:
         """``partition`` was restored as of offsets that ``committed`` committed:
@@ -115,19 +129,23 @@ class Committer:
             session.rollback()
             return False
         session.committed()
+        self.seq = tag.seq
+        self.update_log.own[self.incarnation] = tag.seq
+        self.update_log.applied[self.incarnation] = tag.seq
+        self.markers.clear()
+        self.confirms.clear()
+        self.metrics.producer_ok.set(1)
         log.debug("transaction %s committed: %d user value(s), θ rows %s, offsets %s",
                   tag.text(), sum(len(v) for v in checkpoint.users.values()),
                   {n: len(r) for n, r in checkpoint.theta.rows.items()}
                   if checkpoint.theta is not None else {},
                   {tp.partition: o for tp, o in offsets.items()})
         key, value, headers = updates.confirmation(tag)
-        self.notifier.send(self.kafka.updates(), key=key, value=value, partition=0,
-                           headers=headers)  # not waited for: a later one confirms too
-        self.seq = tag.seq
-        self.update_log.applied[self.incarnation] = tag.seq
-        self.markers.clear()
-        self.confirms.clear()
-        self.metrics.producer_ok.set(1)
+        try:  # not waited for: the next transaction confirms it too
+            self.notifier.send(self.kafka.updates(), key=key, value=value, partition=0,
+                               headers=headers)
+        except KafkaError as exc:
+            log.debug("confirmation of %s not sent: %s", tag.text(), exc)
         return True
 
     def confirm_last(self) -> None:
@@ -159,12 +177,8 @@ class Committer:
         # after an abort the incarnation ends: of its transactions only the last may
         # have been aborted, which is what tells the others' committed ones apart
         self.incarnation, self.seq = new_incarnation(), 0
-        self.update_log.own.add(self.incarnation)
-        try:
-            self._open()
-        except KafkaError as again:
-            log.warning("transactional producer not available yet: %s", again)
-            self.producer = None
+        self.update_log.own[self.incarnation] = 0
+        self.ensure_open()
 
     def close(self, timeout: float) -> None:
         if self.producer is not None:

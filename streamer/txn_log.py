@@ -66,7 +66,7 @@ class Tag:
             except UnicodeDecodeError:
                 return None
         parts = (text or "").split("|")
-        if len(parts) != 3 or not parts[2].isdigit() or not parts[1]:
+        if len(parts) != 3 or not (parts[2].isascii() and parts[2].isdigit()) or not parts[1]:
             return None
         return cls(parts[0], parts[1], int(parts[2]))
 

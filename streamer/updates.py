@@ -68,7 +68,10 @@ class UpdateLog:
     """The updates topic as read so far: what is committed, what is applied, what
     waits for its confirmation."""
 
-    own: set[str]  # incarnations of this process: their updates are in θ already
+    #: incarnations of this process -> the last of their transactions it knows
+    #: committed: those updates are in its θ already (one whose commit failed here
+    #: but reached the broker is not, and is applied like another member's)
+    own: dict[str, int]
     applied: Applied = field(default_factory=Applied)
     confirmed: Confirmed = field(default_factory=Confirmed)
     skipped: Counter[str] = field(default_factory=Counter)
@@ -83,28 +86,41 @@ class UpdateLog:
         if (key or b"").startswith(b"confirm/"):
             self._confirms(headers)
             return
-        if tag is None or len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+        if tag is None or len(parts) != 4 or not all(
+                p.isascii() and p.isdigit() for p in parts[1:]):
             self.skipped["not_ours"] += 1
+            return
+        chunk, total = int(parts[2]), int(parts[3])
+        if not 0 <= chunk < total:
+            self.skipped["bad_chunk"] += 1
             return
         self.confirmed.saw(tag)
         self._confirms(headers)
         if tag.seq <= self.applied.get(tag.incarnation, 0):
             return  # held already (read again from a loader's start)
-        pend = self._pending.setdefault((tag.incarnation, tag.seq), _Pending(offset))
-        pend.chunks[int(parts[2])] = value or b""
-        pend.total = int(parts[3])
+        pend = self._pending.setdefault((tag.incarnation, tag.seq),
+                                        _Pending(offset, total=total))
+        if pend.total != total:
+            self.skipped["bad_chunk"] += 1
+            return
+        pend.chunks[chunk] = value or b""
 
     def _confirms(self, headers: list[tuple[str, bytes]] | None) -> None:
         raw = next((v for k, v in headers or [] if k == CONFIRMS_HEADER), b"{}")
         try:
-            for inc, seq in json.loads(raw or b"{}").items():
-                self.confirmed.note(str(inc), int(seq))
-        except (ValueError, TypeError, AttributeError):
+            confirms = json.loads(raw or b"{}")
+            if not isinstance(confirms, dict) or not all(
+                    isinstance(seq, int) for seq in confirms.values()):
+                raise ValueError("not {incarnation: seq}")
+        except (ValueError, UnicodeDecodeError):
             self.skipped["bad_confirms"] += 1
+            return
+        for inc, seq in confirms.items():
+            self.confirmed.note(str(inc), seq)
 
     def ready(self) -> list[tuple[Tag, Delta | None]]:
-        """Complete, committed updates not yet applied, in the topic's order (the
-        own ones included: the caller skips those, but counts them applied)."""
+        """Complete, committed updates not yet applied, in the topic's order (this
+        process's own included: :meth:`is_own` tells them apart)."""
         out: list[tuple[Tag, Delta | None]] = []
         for (inc, seq), pend in sorted(self._pending.items(), key=lambda kv: kv[1].offset):
             if len(pend.chunks) < pend.total or seq > self.confirmed.get(inc, 0):
@@ -124,6 +140,10 @@ class UpdateLog:
                 log.warning("update %s/%d is damaged, skipped: %s", inc, seq, exc)
         return out
 
+    def is_own(self, tag: Tag) -> bool:
+        """An update this process's θ already holds."""
+        return tag.seq <= self.own.get(tag.incarnation, 0)
+
     def low_water(self) -> int:
         """The offset a loader must read from to see every update not applied."""
         return min((p.offset for p in self._pending.values()), default=self.position)
@@ -133,6 +153,7 @@ def catch_up(bootstrap: str, topic: str, updates: UpdateLog, *, start: int,
              stall_seconds: float, own_id: str) -> None:
     """Read the updates topic from ``start`` to its end into ``updates``."""
     tp = TopicPartition(topic, 0)
+    updates.position = max(updates.position, start)
     for msg in read_to_end(bootstrap, [tp], start={tp: start}, stall_seconds=stall_seconds,
                            own_id=own_id):
         updates.add(msg.offset, msg.key, msg.value, msg.headers)

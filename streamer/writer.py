@@ -30,6 +30,11 @@ class ModelWriter:
         self.publisher, self.update_log = publisher, update_log
         self.epoch: int | None = None  # None: not the writer
 
+    def revoked(self) -> None:
+        """A rebalance: whoever gets partition 0 next takes a new epoch (this member
+        too, if it is again the one)."""
+        self.epoch = None
+
     def due(self, consumer: KafkaConsumer) -> bool:
         return self.publisher.due and self.first in consumer.assignment()
 
@@ -43,9 +48,8 @@ class ModelWriter:
         if self.epoch is None:
             found = read_versions(self.bootstrap, self.model_topic, settle=False)
             self.epoch = found.epoch + 1
-            newest = found.newest.manifest.version if found.newest is not None else None
-            if newest is not None and newest > (self.publisher.version or 0):
-                self.publisher.version = newest
+            if found.newest is not None:
+                self.publisher.number_after(found.newest.manifest.version)
             log.info("model writer of this group, epoch %d; the next version is %d",
                      self.epoch, (self.publisher.version or 0) + 1)
         lineage = Lineage(self.epoch, dict(self.update_log.applied),

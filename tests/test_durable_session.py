@@ -129,3 +129,75 @@ def test_a_delta_of_another_layout_is_refused_whole() -> None:
         other.apply_delta(delta)
     assert all(np.array_equal(before[k].numpy(), v.numpy())
                for k, v in other.learner.theta.items())
+
+
+def crash_and_restore(changelog: dict[str, bytes], theta: list[Delta], committed: int,
+                      **settings: object) -> StreamSession:
+    """A new session from what the changelog and the updates topic hold."""
+    restored = session(**settings)
+    for delta in theta:
+        restored.apply_delta(Delta.loads(delta.dumps()))
+    assert restored.restore(0, list(changelog.items()), committed).refused == 0
+    return restored
+
+
+def commit(s: StreamSession, changelog: dict[str, bytes], theta: list[Delta],
+           position: int) -> int:
+    committed = s.held_offsets().get(0, position)
+    checkpoint = s.checkpoint({0: committed})
+    changelog.update(checkpoint.users.get(0, []))  # compaction: the newest value wins
+    if checkpoint.theta is not None:
+        theta.append(checkpoint.theta)
+    s.committed()
+    return committed
+
+
+@pytest.mark.parametrize("release", ["window_end", "on_arrival"])
+def test_two_crashes_while_an_impression_holds_the_offset_still_learn_everything_once(
+        release: str) -> None:
+    """The committed offset stays behind an impression waiting for its click while
+    the member crashes twice: what the first restore skipped is still skipped
+    after the second (a restored user's value keeps what it had learned)."""
+    whole = session(click_release=release)
+    whole.process(RECORDS)
+    whole.finish()
+    changelog: dict[str, bytes] = {}
+    theta: list[Delta] = []
+
+    first = session(click_release=release)
+    first.process(RECORDS[:2000])
+    committed = commit(first, changelog, theta, 2000)
+    second = crash_and_restore(changelog, theta, committed, click_release=release)
+    second.process(RECORDS[committed:2005])
+    committed = commit(second, changelog, theta, 2005)
+    third = crash_and_restore(changelog, theta, committed, click_release=release)
+    third.process(RECORDS[committed:])
+    third.finish()
+    assert learned(third) == learned(whole)
+    assert third.learner.examples_learned == whole.learner.examples_learned
+
+
+def test_a_repeat_of_an_impression_learned_before_the_crash_is_still_a_duplicate() -> None:
+    """A producer re-sent an impression after the commit point: the original run
+    drops the repeat as a duplicate, and so does a restored one, which skipped
+    the original as already learned."""
+    changelog: dict[str, bytes] = {}
+    theta: list[Delta] = []
+    first = session(click_release="on_arrival")
+    first.process(RECORDS[:2600])
+    committed = commit(first, changelog, theta, 2600)
+    skipped = sorted(o for offsets in session(click_release="on_arrival").restore(
+        0, list(changelog.items()), committed).done.values() for o in offsets)
+    repeated = next(EVENTS[o] for o in skipped if EVENTS[o]["type"] == "impression")
+    at = max(skipped) + 1  # soon after the original, in its window
+    events = [*EVENTS[:at], repeated, *EVENTS[at:]]
+    records = [Record(json.dumps(e).encode(), partition=0, offset=i)
+               for i, e in enumerate(events)]
+
+    whole = session(click_release="on_arrival")
+    whole.process(records)
+    whole.finish()
+    restored = crash_and_restore(changelog, theta, committed, click_release="on_arrival")
+    restored.process(records[committed:])
+    restored.finish()
+    assert restored.learner.examples_learned == whole.learner.examples_learned

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.session import StreamSession
@@ -123,7 +123,7 @@ def final_state(broker: EmbeddedBroker, topics: Topics, partitions: int = PARTIT
     start = lineage.newest(broker.bootstrap, settings.kafka.model_topic, settings.session.learner)
     theta = StreamSession(settings.session, start.theta, durable=True,
                           examples_learned=start.examples_learned)
-    group_theta(broker.bootstrap, settings.kafka, theta, start.lineage, Metrics())
+    group_theta(broker.bootstrap, settings.kafka, theta, start.lineage, Metrics(), "test")
     return users, theta
 
 
@@ -276,3 +276,45 @@ def test_a_group_of_three_with_a_member_joining_and_one_killed_learns_one_model(
     run_auc = auc([x["p"] for x in real], [x["label"] for x in real])
     replayed = replay_auc(tmp_path, LIVE, *LIVE_WINDOW)
     assert run_auc >= replayed - GROUP_AUC_TOLERANCE, (run_auc, replayed)
+
+
+def test_foreign_records_on_the_state_topics_are_skipped_at_every_restore(
+        broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Another client wrote to the changelog and the updates topic: untagged values,
+    markers that do not parse, tags with digits int() refuses, chunks out of range,
+    a payload that is not a delta. Runs that restore through them, killed and
+    started again, skip them and learn every label once."""
+    topics = Topics()
+    create_topics(broker, topics, PARTITIONS)
+    settings = topics.settings(broker)
+    prod = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    bad_tag = [("metarec-txn", "m|x|\u00b2".encode())]
+    for p in range(PARTITIONS):
+        for key, value, headers in [
+                (b"u1", b"not a user value", None),
+                (b"u2", b"MRU1" + b"\x00" * 40, [("metarec-txn", b"m|x|1")]),
+                (changelog.STAMP + b"x", "\u00b2:junk".encode(), None),
+                (changelog.CONFIRMED + b"\xff", b"1", None),
+                (b"u3", b"x", bad_tag)]:
+            prod.send(settings.kafka.changelog(), key=key, value=value, partition=p,
+                      headers=headers)
+    for key, value, headers in [
+            (b"x/1/3/1", b"", [("metarec-txn", b"m|x|1")]),
+            (b"x/1/0/1", b"not a delta", [("metarec-txn", b"m|x|1")]),
+            (b"confirm/x/1", b"", [("metarec-confirms", b'{"x": 1}')]),
+            (b"y/1/0/1", b"", bad_tag), (None, b"", None)]:
+        prod.send(settings.kafka.updates(), key=key, value=value, partition=0,
+                  headers=headers)
+    prod.flush()
+    produce_with_closers(broker.bootstrap, topics.events, EVENTS, PARTITIONS)
+    proc, _, log = start_member(broker, topics, "a", tmp_path)
+    kill_when_committed(broker, topics, proc, 0.5 * len(EVENTS), np.random.default_rng(5), log)
+    proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "3")
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text
+    assert "skipped" in text  # counted and said, once per restore
+    users, theta = final_state(broker, topics)
+    learned = learned_per_user(users)
+    assert {u: learned.get(u) for u in LABELS_PER_USER} == dict(LABELS_PER_USER)
+    assert theta.learner.examples_learned == sum(learned.values())
