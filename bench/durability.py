@@ -304,7 +304,7 @@ def final_state(bootstrap: str, settings: Settings, group: Group) -> tuple[dict[
     start = lineage.newest(bootstrap, k.model_topic, settings.session.learner)
     theta = StreamSession(settings.session, start.theta, durable=True,
                           examples_learned=start.examples_learned)
-    group_theta(bootstrap, k, theta, start.lineage, Metrics())
+    group_theta(bootstrap, k, theta, start.lineage, Metrics(), "bench.durability")
     return learned, int(theta.learner.examples_learned)
 
 

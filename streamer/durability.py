@@ -42,7 +42,9 @@ class DurableState:
         self.update_log = update_log
         self.committer = Committer(bootstrap, kafka, update_log, metrics, incarnation,
                                    notifier)
-        self.follower = UpdateFollower(bootstrap, kafka.updates(), update_log)
+        self.follower = UpdateFollower(bootstrap, kafka.updates(), update_log,
+                                       stall_seconds=kafka.stalled_transaction_seconds,
+                                       own_id=self.committer.transactional_id)
         self._to_restore: set[TopicPartition] = set()
         self._rollback = False
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, TopicPartition
 
 from metarec.theta_state import Delta, DeltaError
-from streamer.txn_log import Confirmed, Tag, read_to_end, reader
+from streamer.txn_log import Confirmed, Tag, abort_open, read_to_end, reader
 
 log = logging.getLogger("metarec.updates")
 
@@ -162,13 +162,18 @@ def catch_up(bootstrap: str, topic: str, updates: UpdateLog, *, start: int,
 class UpdateFollower:
     """Reads new updates as they come (no group: every member reads them all)."""
 
-    def __init__(self, bootstrap: str, topic: str, updates: UpdateLog):
-        self.updates = updates
+    def __init__(self, bootstrap: str, topic: str, updates: UpdateLog, *,
+                 stall_seconds: float, own_id: str):
+        """A transaction that keeps the topic's end unreadable for ``stall_seconds``
+        is aborted, as in a restore (a member died in its last, empty one)."""
+        self.bootstrap, self.updates = bootstrap, updates
+        self.stall_seconds, self.own_id = stall_seconds, own_id
         self.consumer: KafkaConsumer = reader(bootstrap)
         self.tp = TopicPartition(topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek(self.tp, updates.position)
         self._polled_at = -math.inf
+        self._stalled_since: float | None = None
 
     def poll_now(self) -> list[tuple[Tag, Delta | None]]:
         """What has come, whenever the last poll was (before a restore's first record)."""
@@ -180,10 +185,24 @@ class UpdateFollower:
         if now - self._polled_at < POLL_EVERY_SECONDS:
             return []
         self._polled_at = now
-        for msgs in self.consumer.poll(timeout_ms=0, max_records=500).values():
+        polled = self.consumer.poll(timeout_ms=0, max_records=500)
+        for msgs in polled.values():
             for m in msgs:
                 self.updates.add(m.offset, m.key, m.value, m.headers)
+        self._watch_stall(now, bool(polled))
         return self.updates.ready()
+
+    def _watch_stall(self, now: float, moved: bool) -> None:
+        high = self.consumer.highwater(self.tp)
+        position = self.consumer.position(self.tp)
+        if moved or high is None or position is None or position >= high:
+            self._stalled_since = None
+            return
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since >= self.stall_seconds:
+            abort_open(self.bootstrap, self.tp, position, self.own_id)
+            self._stalled_since = None
 
     def close(self) -> None:
         self.consumer.close()
