@@ -108,8 +108,13 @@ def _restore(bootstrap: str, topic: str, partitions: list[int],
                 state.skipped["bad_key"] += 1
                 continue
             state.values.append((user, max(valid, key=lambda c: c[0])[2]))
-        if state.skipped:
-            log.warning("changelog %s partition %d: skipped %s", topic, p, dict(state.skipped))
+        foreign = {k: n for k, n in state.skipped.items() if k != "uncommitted"}
+        if foreign:
+            log.warning("changelog %s partition %d: skipped %s (not this program's, or "
+                        "damaged)", topic, p, foreign)
+        if state.skipped["uncommitted"]:  # values of a transaction a crash cut short
+            log.info("changelog %s partition %d: %d value(s) of transactions that did not "
+                     "commit", topic, p, state.skipped["uncommitted"])
     return found
 
 
