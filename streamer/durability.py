@@ -4,7 +4,7 @@ and the other members' θ updates applied as they come.
 
 kafka-python revokes every partition at a rebalance (the eager protocol), and
 runs its callbacks inside the group protocol, where nothing may block; so the
-callbacks only note what happened, and :meth:`DurableState.before_poll` does
+callbacks only note what happened, and :meth:`DurableState.after_poll` does
 the work in the loop: the session goes back to the last commit (nothing since
 is durable, and the partitions' next owners read it again), and every assigned
 partition is restored from the changelog, its records held back (paused) until
@@ -66,7 +66,7 @@ class DurableState:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def before_poll(self, session: StreamSession, consumer: KafkaConsumer) -> bool:
+    def after_poll(self, session: StreamSession, consumer: KafkaConsumer) -> bool:
         """Roll back, restore and follow as needed; True if the session went back
         to the last durable point (the caller forgets its positions)."""
         rolled = self._rollback

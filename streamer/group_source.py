@@ -64,7 +64,7 @@ class GroupSource(ConsumerRebalanceListener):
         last_record = time.monotonic()
         while not self.stopping:
             polled = poll(cons, k.poll_timeout_ms, self.max_records)
-            if self.durable is not None and self.durable.before_poll(session, cons):
+            if self.durable is not None and self.durable.after_poll(session, cons):
                 self._positions.clear()  # back at the last commit: read again from there
                 self._committed = {}
                 polled = {}
