@@ -23,9 +23,6 @@ import numpy as np
 from metarec.errors import MetarecError
 from metarec.learner import OnlineLearner
 
-#: the schema of a delta's payload
-DELTA_SCHEMA = "metarec.theta-delta/1"
-
 
 class DeltaError(MetarecError, ValueError):
     """Bytes that are not a θ delta of this layout."""
@@ -145,4 +142,4 @@ class ThetaState:
         self.learner.online.resync_items()
 
 
-__all__ = ["DELTA_SCHEMA", "Delta", "DeltaError", "ThetaState"]
+__all__ = ["Delta", "DeltaError", "ThetaState"]
