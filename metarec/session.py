@@ -462,13 +462,12 @@ class StreamSession:
             ops = self._encoder.encode(*zip(*batch.ops, strict=True))
             scores = self.learner.process(ops)
             changes = self._changes
-            for i, scored in batch.scored:
+            for (i, scored), (partition, offset) in zip(batch.scored, batch.origins,
+                                                        strict=True):
                 scored.p, scored.k = float(scores.p[i]), int(scores.k[i])
-            if changes is not None:
-                imps = batch.ops
-                for (i, scored), (partition, offset) in zip(batch.scored, batch.origins,
-                                                            strict=True):
-                    changes.scored(imps[i][0].user_id, partition, offset, scored.p, scored.k)
+                if changes is not None:
+                    changes.scored(batch.ops[i][0].user_id, partition, offset, scored.p,
+                                   scored.k)
         learned += batch.learned
         if self.learner.meta_due:
             report = self.learner.meta_update()

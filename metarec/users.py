@@ -89,8 +89,7 @@ class UserStore:
             a[:n] = 0
 
     def _state(self) -> tuple[np.ndarray, ...]:
-        return (self.phi, self.learned, self.features, self.ring_item, self.ring_context,
-                self.ring_label)
+        return tuple(getattr(self, name) for name in UserRows._fields)
 
     def export(self, rows: np.ndarray) -> UserRows:
         """Copies of some rows, for the state store."""
@@ -98,15 +97,9 @@ class UserStore:
 
     def load(self, user_ids: list[str], state: UserRows) -> None:
         """Set these users' rows (restored from the state store), new or not."""
-        out = np.empty(len(user_ids), dtype=np.int64)
-        for i, uid in enumerate(user_ids):
-            row = self.rows.get(uid)
-            if row is None:
-                row = self.rows[uid] = len(self.rows)
-            out[i] = row
-        self._grow(len(self.rows))
+        rows, _ = self._assign(user_ids)
         for target, values in zip(self._state(), state, strict=True):
-            target[out] = values
+            target[rows] = values
 
     def bytes_per_user(self) -> int:
         """Bytes of array state per user row (fast weights, counters, ring, features)."""
@@ -122,7 +115,7 @@ class UserStore:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for name in ("phi", "learned", "features", "ring_item", "ring_context", "ring_label"):
+        for name in UserRows._fields:
             arr = getattr(self, name)
             grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             grown[:cap] = arr
@@ -130,6 +123,14 @@ class UserStore:
 
     def rows_for(self, user_ids: list[str], phi0: torch.Tensor) -> np.ndarray:
         """Row of each user; a user seen for the first time starts at φ_0."""
+        rows, fresh = self._assign(user_ids)
+        if fresh:
+            self.phi[fresh] = phi0.detach().numpy()
+        return rows
+
+    def _assign(self, user_ids: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Row of each user, new ones appended (the arrays grown to fit), and the
+        new rows."""
         out = np.empty(len(user_ids), dtype=np.int64)
         fresh: list[int] = []
         for i, uid in enumerate(user_ids):
@@ -140,8 +141,7 @@ class UserStore:
             out[i] = row
         if fresh:
             self._grow(len(self.rows))
-            self.phi[fresh] = phi0.detach().numpy()
-        return out
+        return out, fresh
 
     def set_features(self, rows: np.ndarray, features: np.ndarray) -> None:
         """Latest non-empty features win; an event without user features keeps the old."""
