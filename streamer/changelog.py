@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from kafka import TopicPartition
 
 from streamer.gc_pause import gc_paused
-from streamer.txn_log import TXN_HEADER, Confirmed, Tag, read_to_end
+from streamer.txn_log import Confirmed, Tag, read_to_end
 
 log = logging.getLogger("metarec.changelog")
 
 MARKER = b"\x00metarec-txn\x00"
 STAMP = MARKER + b"stamp\x00"
 CONFIRMED = MARKER + b"confirmed\x00"
-_UNSEEN = Tag("", "", -1)  # not parsed yet
 
 
 def stamp_marker(tag: Tag, stamp: int) -> tuple[bytes, bytes]:
@@ -74,8 +73,6 @@ def _restore(bootstrap: str, topic: str, partitions: list[int],
     # aborted transaction, and then the one before it holds
     candidates: dict[int, dict[bytes, dict[str, list[tuple[int, Tag, bytes]]]]] = {
         p: {} for p in partitions}
-    # a transaction's records share one tag: parse each header once
-    tags: dict[bytes | None, Tag | None] = {}
     for msg in read_to_end(bootstrap, tps, start={}, stall_seconds=stall_seconds,
                            own_id=own_id):
         state = found[msg.partition]
@@ -86,10 +83,7 @@ def _restore(bootstrap: str, topic: str, partitions: list[int],
             except (ValueError, UnicodeDecodeError, OverflowError):
                 state.skipped["bad_marker"] += 1
             continue
-        header = next((v for k, v in msg.headers or () if k == TXN_HEADER), None)
-        tag = tags.get(header, _UNSEEN)
-        if tag is _UNSEEN:
-            tag = tags[header] = Tag.parse(header)
+        tag = Tag.of(msg.headers)
         if tag is None or key is None or value is None:
             state.skipped["not_ours"] += 1
             continue

@@ -23,6 +23,7 @@ transaction that stays open on a topic being restored.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -58,6 +59,7 @@ class Tag:
         return TXN_HEADER, self.text().encode()
 
     @classmethod
+    @functools.lru_cache(maxsize=4096)  # a transaction's records share one tag
     def parse(cls, text: str | bytes | None) -> Tag | None:
         """A tag from its text (None: not a tag of ours)."""
         if isinstance(text, bytes):
