@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
 from metarec.events import (
     MAX_FEATURE_VALUES,
     MAX_FEATURES,
+    MAX_TIMESTAMP,
+    MIN_TIMESTAMP,
     Click,
+    Event,
     Impression,
     Rejected,
     decode_event,
@@ -143,3 +149,56 @@ def test_a_bad_feature_value_is_explained_once_not_once_per_type_it_could_have_b
     out = decode_event(raw(context={"f": value}), max_bytes=1000)
     assert isinstance(out, Rejected) and out.reason == "schema"
     assert out.detail == detail
+
+
+# -- the two validators agree ------------------------------------------------------------
+
+_EVENT_ADAPTER: TypeAdapter[Impression | Click] = TypeAdapter(Event)
+_ids = st.one_of(st.text(max_size=4), st.text(min_size=255, max_size=258),
+                 st.integers(), st.floats(), st.booleans(), st.none())
+_scalars = st.one_of(st.text(max_size=3), st.integers(), st.floats(), st.booleans(),
+                     st.none())
+_feature_maps = st.one_of(
+    st.dictionaries(st.text(max_size=3), st.one_of(_scalars, st.lists(_scalars, max_size=3)),
+                    max_size=4),
+    st.dictionaries(st.text(max_size=3), st.just("v"), min_size=MAX_FEATURES,
+                    max_size=MAX_FEATURES + 1),
+    st.just({"genre": ["g"] * (MAX_FEATURE_VALUES + 1)}), _scalars)
+_fields = {
+    "type": st.sampled_from(["impression", "click", "Click", ""]),
+    "user_id": _ids, "item_id": _ids, "impression_id": _ids,
+    "timestamp": st.one_of(st.floats(), st.integers(), st.text(max_size=3),
+                           st.floats(MIN_TIMESTAMP - 10, MAX_TIMESTAMP + 10)),
+    "clicked": st.one_of(st.booleans(), st.none(), st.integers(0, 1), st.text(max_size=2)),
+    "context": _feature_maps, "user_features": _feature_maps, "item_features": _feature_maps,
+    "extra": _scalars,
+}
+
+
+@st.composite
+def near_events(draw: st.DrawFn) -> bytes:
+    """Records close to the schema: an event's fields, each present or not, each
+    drawn from valid values and the mistakes clients make; sometimes a byte changed."""
+    good = {**GOOD, "clicked": True, "item_features": {"genre": ["a"]}}
+    record = {name: draw(values) if name not in good or draw(st.integers(0, 3)) == 0
+              else good[name]
+              for name, values in _fields.items() if name in good or draw(st.booleans())}
+    encoded = json.dumps(record, allow_nan=True).encode()
+    if draw(st.integers(0, 9)) == 0:
+        at = draw(st.integers(0, len(encoded) - 1))
+        encoded = encoded[:at] + bytes([draw(st.integers(0, 255))]) + encoded[at + 1:]
+    return encoded
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_events())
+def test_what_the_fast_decoder_accepts_pydantic_accepts_as_the_same_event(raw: bytes) -> None:
+    decoded = decode_event(raw, max_bytes=1 << 20)
+    try:
+        reference: Impression | Click | None = _EVENT_ADAPTER.validate_json(raw)
+    except ValidationError:
+        reference = None
+    if reference is None:
+        assert isinstance(decoded, Rejected)
+    else:
+        assert decoded == reference and type(decoded) is type(reference)
