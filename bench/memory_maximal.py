@@ -118,7 +118,7 @@ def maximal_event(n: int, start: float, max_bytes: int, label: bool | None) -> b
 def run(mode: str, records: int, every: int, warmup: int, batch: int) -> None:
     torch.set_num_threads(1)
     settings = Settings.of(metrics_port=0)
-    warm_up(settings)
+    warm_up(settings.session)
     session = StreamSession(settings.session)
     rng = random.Random(0)
     start = time.time() - 86400.0  # event time well behind the wall clock

@@ -44,6 +44,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from kafka.partitioner.default import murmur2
@@ -74,10 +75,17 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
 # -- replay ------------------------------------------------------------------------------
 
 
-def metarec_replay(_: list[Event]) -> tuple[float, float]:
-    """End to end: JSON records, validation, joining, learning (default config)."""
-    summary = replay(Settings.of(metrics_port=0), "movielens-100k", progress=False)
-    return summary.events_per_second, float(summary.quality["auc"])
+def metarec_replay(batch_records: int | None = None) -> Callable[[list[Event]],
+                                                                  tuple[float, float]]:
+    """End to end: JSON records, validation, joining, learning (default config, or
+    micro-batches of ``batch_records``)."""
+    overrides = {} if batch_records is None else {"max_batch_records": batch_records}
+
+    def run(_: list[Event]) -> tuple[float, float]:
+        summary = replay(Settings.of(metrics_port=0, **overrides), "movielens-100k",
+                         progress=False)
+        return summary.events_per_second, float(summary.quality["auc"])
+    return run
 
 
 def timed(prepare: Callable[[list[Event]], Any],
@@ -99,7 +107,10 @@ def mf_input(events: list[Event]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def bench_replay(events: list[Event], repeats: int) -> list[str]:
     # the baselines' knobs as bench/quality.py tuned them on the first half
     vw_name = "Vowpal Wabbit (-q ui, logistic, -l 1): parse once, predict, learn, finish"
-    runs = {"metarec replay (default config)": metarec_replay,
+    default_batch = Settings().session.max_batch_records
+    runs = {f"metarec replay (default config: micro-batches of {default_batch})":
+                metarec_replay(),
+            "metarec replay, micro-batches of 1,000": metarec_replay(1000),
             vw_name: timed(baselines.vw_lines,
                            lambda lines: baselines.vowpal_wabbit_lines(lines, lr=1.0)),
             "torch Adagrad MF (dim 8, lr 0.1), per event":
@@ -126,7 +137,8 @@ def bench_replay(events: list[Event], repeats: int) -> list[str]:
 
 
 def bare_consumer(bootstrap: str, topic: str, total: int) -> float:
-    """Poll and decode every record of ``topic`` from the beginning; events/s."""
+    """Poll and decode every record of ``topic`` from the beginning; events/s. It
+    decodes with msgspec, the fastest JSON decoder here (json.loads is slower)."""
     from kafka import KafkaConsumer, TopicPartition
 
     cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
@@ -135,12 +147,12 @@ def bare_consumer(bootstrap: str, topic: str, total: int) -> float:
         parts = [TopicPartition(topic, p) for p in sorted(cons.partitions_for_topic(topic))]
         cons.assign(parts)
         cons.seek_to_beginning(*parts)
-        seen, t0 = 0, None
+        seen, t0, decode = 0, None, msgspec.json.decode
         while seen < total:
             for msgs in cons.poll(timeout_ms=500, max_records=1000).values():
                 t0 = t0 or time.perf_counter()
                 for m in msgs:
-                    json.loads(m.value)
+                    decode(m.value)
                 seen += len(msgs)
         assert t0 is not None
         return total / (time.perf_counter() - t0)
@@ -148,18 +160,21 @@ def bare_consumer(bootstrap: str, topic: str, total: int) -> float:
         cons.close()
 
 
-def metarec_run(bootstrap: str, topic: str, repeat: int,
-                durable: bool = True) -> tuple[float, float, int]:
+def metarec_run(bootstrap: str, topic: str, repeat: int, durable: bool = True,
+                batch_records: int | None = None) -> tuple[float, float, int]:
     """``metarec run`` (a fresh consumer group) drains the topic: events/s while busy
     (first record to last micro-batch), seconds of the whole run (start-up, restore,
     the idle wait and shutdown included) and records learned from. ``durable``: the
     users' changelog and θ's updates written in one transaction with the offsets at
-    each commit (the default); off: state in memory, plain commits."""
-    name = f"bench-{'durable' if durable else 'memory'}-{repeat}"
+    each commit (the default); off: state in memory, plain commits. ``batch_records``:
+    micro-batches of that many events instead of the default."""
+    name = f"bench-{'durable' if durable else 'memory'}-{batch_records}-{repeat}"
+    overrides = {} if batch_records is None else {"max_batch_records": batch_records}
     settings = Settings.of(bootstrap_servers=bootstrap, events_topic=topic, metrics_port=0,
                            group_id=name, model_topic=f"bench.model.{name}",
                            dlq_topic="bench.dlq", drift_topic="bench.drift",
-                           idle_exit_seconds=3.0, demo_source=None, durable_state=durable)
+                           idle_exit_seconds=3.0, demo_source=None, durable_state=durable,
+                           **overrides)
     t0 = time.perf_counter()
     summary = Runner(settings, bootstrap).run()
     wall = time.perf_counter() - t0
@@ -176,34 +191,41 @@ def bench_kafka(repeats: int) -> list[str]:
         total = kafka_io.produce_records(prod, topic, read_source("movielens-100k"))
         prod.close()
         bare: list[float] = []
-        runs: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
-        for r in range(repeats):  # interleaved; durable on and off take turns going first
+        # (durable, micro-batch records): the default, without durable state, and
+        # the default with micro-batches of 1,000
+        variants: list[tuple[bool, int | None]] = [(True, None), (False, None), (True, 1000)]
+        runs: dict[tuple[bool, int | None], list[tuple[float, float, int]]] = {
+            v: [] for v in variants}
+        for r in range(repeats):  # interleaved, the variants' order rotating
             bare.append(bare_consumer(broker.bootstrap, topic, total))
-            for durable in ((False, True) if r % 2 == 0 else (True, False)):
-                runs[durable].append(metarec_run(broker.bootstrap, topic, r, durable))
+            for durable, batch in variants[r % 3:] + variants[:r % 3]:
+                runs[durable, batch].append(
+                    metarec_run(broker.bootstrap, topic, r, durable, batch))
     ceiling = statistics.median(bare)
-    on, off = ([run[0] for run in runs[d]] for d in (True, False))
-    paired = [a / b for a, b in zip(on, off, strict=True)]
+    names = {(True, None): "`metarec run`, durable state (changelog, updates, "
+                           "transactional commits)",
+             (False, None): "`metarec run --no-durable-state` (state in memory, "
+                            "plain commits)",
+             (True, 1000): "`metarec run`, durable state, micro-batches of 1,000"}
     lines = [f"### Kafka path: the same {total:,} events on a 4-partition topic of the "
              "embedded broker", "",
              "| reader | events/s, median (min - max) | vs bare consumer | whole run, s |",
              "|---|---:|---:|---:|",
              f"| bare kafka-python consumer: poll + JSON decode | {spread(bare)} | 1.00x | |"]
-    for durable, what in ((True, "`metarec run`, durable state (changelog, updates, "
-                                 "transactional commits)"),
-                          (False, "`metarec run --no-durable-state` (state in memory, "
-                                  "plain commits)")):
-        rates = [run[0] for run in runs[durable]]
+    for variant, what in names.items():
+        rates = [run[0] for run in runs[variant]]
         lines.append(f"| {what} | {spread(rates)} | {statistics.median(rates) / ceiling:.2f}x"
-                     f" | {spread([run[1] for run in runs[durable]], '{:.1f}')} |")
+                     f" | {spread([run[1] for run in runs[variant]], '{:.1f}')} |")
+    on, off = ([run[0] for run in runs[d, None]] for d in (True, False))
+    paired = [a / b for a, b in zip(on, off, strict=True)]
     ratio = statistics.median(on) / statistics.median(off)
     lines += ["", f"Durable state costs {1 - ratio:.1%} of `metarec run`'s throughput while "
               f"busy (ratio of medians {ratio:.3f}; per repeat {spread(paired, '{:.3f}')}). "
               "Each run is a fresh consumer group: its restore finds an empty changelog. "
               "The whole run includes start-up, the 3 s idle wait before it exits, and "
               "shutdown."]
-    odd = [f"{'durable' if d else 'in-memory'} run {i} learned from {run[2]:,} records"
-           for d in (True, False) for i, run in enumerate(runs[d]) if run[2] != total]
+    odd = [f"{names[v]} run {i} learned from {run[2]:,} records"
+           for v in variants for i, run in enumerate(runs[v]) if run[2] != total]
     if odd:  # a rollback (a failed transaction, a rebalance) reads records again
         lines += ["", f"Not {total:,} records: " + "; ".join(odd) + "."]
     return lines
@@ -297,7 +319,7 @@ def quantile(q: float, cumulative: list[tuple[float, float]]) -> float:
 
 def bare_latency_consumer(bootstrap: str, topic: str, skip: int, total: int,
                           ready: str) -> None:
-    """A consumer-group member that only polls and decodes, as ``metarec run`` polls
+    """A consumer-group member that only polls and decodes (msgspec), as ``metarec run`` polls
     (same consumer settings); prints the cumulative histogram of each record's
     latency (now minus its Kafka timestamp) over the records after the first
     ``skip``, on ``FRESHNESS_BUCKETS``, as JSON. Touches ``ready`` once it has seen
@@ -306,14 +328,14 @@ def bare_latency_consumer(bootstrap: str, topic: str, skip: int, total: int,
     cons = kafka_io.group_consumer(bootstrap, settings.kafka, settings.session.max_batch_records)
     cons.subscribe([topic])
     latencies: list[float] = []
-    seen = 0
+    seen, decode = 0, msgspec.json.decode
     try:
         while seen < total:
             polled = cons.poll(timeout_ms=100, max_records=settings.session.max_batch_records)
             for msgs in polled.values():
                 now = time.time()
                 for m in msgs:
-                    json.loads(m.value)
+                    decode(m.value)
                     if seen >= skip:
                         latencies.append(now - m.timestamp / 1000)
                     seen += 1
@@ -358,7 +380,7 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
                              + 5, seed=5)
     # serialised and partitioned up front (murmur2 of the key, as kafka-python's
     # default partitioner would), so that the producer spends little CPU per record
-    partitions = Settings().partitions
+    partitions = Settings().kafka.partitions
     events = [(key, json.dumps(e).encode(), (murmur2(key) & 0x7FFFFFFF) % partitions)
               for e in stream.events() for key in [e["user_id"].encode()]]
     total = 200 + rate * seconds

@@ -263,8 +263,11 @@ def test_a_group_of_three_with_a_member_joining_and_one_killed_learns_one_model(
     partitions = 4
     topics = Topics()
     create_topics(broker, topics, partitions)
+    # a survivor idles from the end of the stream until b's session (6 s) expires and
+    # b's partitions come to it: its idle exit must outlast that, or on a loaded
+    # machine it leaves before taking them and their users' last labels go unlearned
     flags = ["--partitions", str(partitions), "--stalled-transaction-seconds", "3",
-             "--idle-exit-seconds", "5", "--publish-every", "1", *LIVE_WINDOW]
+             "--idle-exit-seconds", "12", "--publish-every", "1", *LIVE_WINDOW]
     rng = np.random.default_rng(3)
     a, _, log_a = start_member(broker, topics, "a", tmp_path, *flags)
     b, _, log_b = start_member(broker, topics, "b", tmp_path, *flags)
