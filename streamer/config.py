@@ -64,6 +64,10 @@ class KafkaSettings(BaseModel):
         1000, ge=0, description="run: learn a micro-batch short of max_batch_records once its "
         "first event has waited this long (micro-batch size moves θ's steps: whole ones "
         "learn as a replay does)")
+    max_poll_records: int = Field(
+        1000, ge=1, description="run: records one poll may return; the session cuts them "
+        "into micro-batches, so this moves no learning, and more per poll spreads the "
+        "loop's cost per poll over more records")
     max_buffered_records: int = Field(
         5000, ge=1, description="run: pause a partition holding this many records for the "
         "event-time merge, until it holds half as many")

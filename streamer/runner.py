@@ -125,7 +125,7 @@ class Runner:
         with ExitStack() as stack:
             prod = kafka_io.producer(self.bootstrap)
             stack.callback(prod.close, timeout=s.ops.shutdown_timeout_seconds)
-            cons = kafka_io.group_consumer(self.bootstrap, k, s.session.max_batch_records)
+            cons = kafka_io.group_consumer(self.bootstrap, k, k.max_poll_records)
             stack.callback(cons.close)
             publisher = Publisher(TopicSink(prod, k.model_topic, s.publish.model_chunk_bytes),
                                   s.publish.publish_every, last_version=start.last_version,
@@ -138,7 +138,7 @@ class Runner:
                 durable = DurableState(self.bootstrap, k, update_log, self.metrics, incarnation,
                                        writer, prod)
             source = self._source = GroupSource(
-                cons, k, max_records=s.session.max_batch_records,
+                cons, k, max_records=k.max_poll_records,
                 idle_exit_seconds=s.ops.idle_exit_seconds, metrics=self.metrics,
                 durable=durable)
             if self.stopping:
