@@ -70,7 +70,8 @@ class ThetaState:
         self.arrays = self._arrays(learner)
         self.base = {name: a.copy() for name, a in self.arrays.items()}
         self._examples_at_base = learner.examples_learned
-        self._taken: Delta | None = None
+        # the delta taken, and its rows' values then, until it is durable or not
+        self._taken: tuple[Delta, dict[str, np.ndarray]] | None = None
 
     @staticmethod
     def _arrays(learner: OnlineLearner) -> dict[str, np.ndarray]:
@@ -87,28 +88,33 @@ class ThetaState:
 
     def take(self) -> Delta | None:
         """What changed since the base (None: nothing). Held until :meth:`committed`
-        or :meth:`rollback`."""
+        or :meth:`rollback`; learning may go on meanwhile."""
         rows: dict[str, np.ndarray] = {}
         values: dict[str, np.ndarray] = {}
+        taken: dict[str, np.ndarray] = {}
         for name, cur in self.arrays.items():
             base = self.base[name]
             changed = np.flatnonzero((cur != base).any(axis=1))
             if len(changed):
                 rows[name] = changed
-                values[name] = cur[changed] if name in LATEST_WINS else \
-                    cur[changed] - base[changed]
+                taken[name] = cur[changed]
+                values[name] = taken[name].copy() if name in LATEST_WINS else \
+                    taken[name] - base[changed]
         examples = self.learner.examples_learned - self._examples_at_base
-        self._taken = Delta(examples, rows, values) if rows or examples else None
-        return self._taken
+        delta = Delta(examples, rows, values) if rows or examples else None
+        self._taken = None if delta is None else (delta, taken)
+        return delta
 
     def committed(self) -> None:
-        """The delta last taken is durable: it is now part of the base."""
+        """The delta last taken is durable: the rows as they were when it was taken
+        are now the base (what was learned since is not)."""
         taken, self._taken = self._taken, None
         if taken is None:
             return
-        for name, rows in taken.rows.items():
-            self.base[name][rows] = self.arrays[name][rows]
-        self._examples_at_base += taken.examples
+        delta, values = taken
+        for name, rows in delta.rows.items():
+            self.base[name][rows] = values[name]
+        self._examples_at_base += delta.examples
 
     def rollback(self) -> None:
         """Back to the base: what was learned since is dropped (its records are
@@ -130,16 +136,28 @@ class ThetaState:
                     or (len(rows) and (rows.min() < 0 or rows.max() >= len(cur)))
                     or (values.dtype.kind == "f" and not np.isfinite(values).all())):
                 raise DeltaError(f"delta of {name} does not fit this layout")
+        in_flight = self._taken
         for name, rows in delta.rows.items():
             values = delta.values[name]
-            for target in (self.arrays[name], self.base[name]):
-                if name in LATEST_WINS:
-                    target[rows] = values
-                else:
-                    target[rows] += values
+            self._add(self.arrays[name], rows, values, name)
+            self._add(self.base[name], rows, values, name)
+            if in_flight is not None and name in in_flight[1]:
+                # a delta of ours in flight: its rows become the base as they were
+                # when taken, plus what others changed since
+                taken_rows = in_flight[0].rows[name]
+                at = np.minimum(np.searchsorted(taken_rows, rows), len(taken_rows) - 1)
+                hit = taken_rows[at] == rows
+                self._add(in_flight[1][name], at[hit], values[hit], name)
         self.learner.examples_learned += delta.examples
         self._examples_at_base += delta.examples
         self.learner.online.resync_items()
+
+    @staticmethod
+    def _add(target: np.ndarray, rows: np.ndarray, values: np.ndarray, name: str) -> None:
+        if name in LATEST_WINS:
+            target[rows] = values
+        else:
+            target[rows] += values
 
 
 __all__ = ["Delta", "DeltaError", "ThetaState"]

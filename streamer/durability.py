@@ -67,10 +67,14 @@ class DurableState:
     # -- the loop ------------------------------------------------------------------------
 
     def after_poll(self, session: StreamSession, consumer: KafkaConsumer) -> bool:
-        """Roll back, restore and follow as needed; True if the session went back
-        to the last durable point (the caller forgets its positions)."""
-        rolled = self._rollback
-        if rolled:  # the partitions assigned next are restored as they come
+        """Settle the transaction in flight, roll back, restore and follow as
+        needed; True if the session went back to the last durable point (the caller
+        forgets its positions)."""
+        # a rollback or a restore must know whether the last transaction counted
+        settled = self._settle(session, consumer,
+                               wait=self._rollback or bool(self._to_restore))
+        rolled = self._rollback or settled is False
+        if self._rollback:  # the partitions assigned next are restored as they come
             self._rollback = False
             self.metrics.rollbacks.inc()
             session.rollback()
@@ -78,6 +82,19 @@ class DurableState:
             self._restore(session, consumer)
         apply_updates(session, self.follower.poll(), self.update_log, self.metrics)
         return rolled
+
+    def _settle(self, session: StreamSession, consumer: KafkaConsumer, *,
+                wait: bool) -> bool | None:
+        """The outcome of the transaction in flight, if known (see
+        :meth:`Committer.resolve`); after a failure every assigned partition is
+        restored, its records held back until then."""
+        ok = self.committer.resolve(session, wait=wait)
+        if ok is False:
+            self.metrics.rollbacks.inc()
+            self._to_restore |= consumer.assignment()
+            for tp in consumer.assignment():
+                consumer.pause(tp)
+        return ok
 
     def _restore(self, session: StreamSession, consumer: KafkaConsumer) -> None:
         tps = sorted(self._to_restore & consumer.assignment(), key=lambda tp: tp.partition)
@@ -123,21 +140,29 @@ class DurableState:
                  [tp.partition for tp in tps], time.perf_counter() - t0)
 
     def commit(self, session: StreamSession, offsets: dict[TopicPartition, int],
-               consumer: KafkaConsumer) -> bool:
+               consumer: KafkaConsumer, *, wait: bool = False) -> bool:
+        """Start a transaction of the session's changes and ``offsets``; the loop
+        learns on while it goes to the broker (a broker round trip per commit
+        would stall every record behind it). It waits for the outcome when asked
+        (``wait``), and when a model version is due, so that the version holds θ
+        exactly as of a durable point. False: the last transaction failed, and
+        the session is back at the last durable point."""
         if self._rollback or self._to_restore:
             return False  # a rebalance happened since the last poll: nothing to commit
-        ok = self.committer.commit(session, offsets, consumer)
+        if self._settle(session, consumer, wait=True) is False:
+            return False
+        self.committer.begin(session, offsets, consumer)
+        if not (wait or self.writer.due(consumer)):
+            return True
+        ok = self._settle(session, consumer, wait=True)
         if ok:
             self.writer.after_commit(session, consumer)
-        else:
-            self.metrics.rollbacks.inc()
-            self._to_restore |= consumer.assignment()
-            for tp in consumer.assignment():
-                consumer.pause(tp)
-        return ok
+        return bool(ok)
 
     def close(self, session: StreamSession, consumer: KafkaConsumer, timeout: float) -> None:
         """After the last commit: the last version (if this member is the writer)."""
+        if self._settle(session, consumer, wait=True) is False:
+            return  # back at the last durable point, whose version is out already
         self.writer.after_commit(session, consumer, final=True)
         self.writer.finish()
         self.committer.confirm_last()

@@ -193,7 +193,7 @@ class GroupSource(ConsumerRebalanceListener):
             return
         if self.durable is not None:
             if self.durable.commit(session, {tp: o.offset for tp, o in offsets.items()},
-                                   self.consumer):
+                                   self.consumer, wait=final):
                 self._committed = offsets
                 self._unsaved = 0
                 self.metrics.commits_ok.set(1)

@@ -7,7 +7,9 @@ the updates topic (:mod:`streamer.updates`), and sends the offsets with the
 transaction's tag as their metadata. If any of it fails, the transaction is
 aborted, the producer is made anew under a new incarnation, and the session goes
 back to the last durable point: the records since are read again and learned
-once.
+once. The checkpoint is taken on the loop's thread; the transaction goes to the
+broker on a worker thread while the loop learns on, and its outcome is applied
+on the loop's thread when it is known.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from metarec.session import StreamSession
+from metarec.session import Checkpoint, StreamSession
 from streamer import changelog, updates
 from streamer.config import KafkaSettings
 from streamer.kafka_io import MAX_MESSAGE_BYTES
@@ -55,6 +60,9 @@ class Committer:
         self.confirms: dict[str, int] = {}
         self.producer: KafkaProducer | None = None
         self._open()
+        # transactions go to the broker from one worker thread, one at a time
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="metarec-commit")
+        self._flight: tuple[_Transaction, Future[None]] | None = None
 
     def _open(self) -> None:
         """A producer of this member's transactional id: starting it aborts what an
@@ -88,58 +96,59 @@ class Committer:
             self.confirms[committed.incarnation] = max(
                 committed.seq, self.confirms.get(committed.incarnation, 0))
 
-    def commit(self, session: StreamSession, offsets: dict[TopicPartition, int],
-               consumer: KafkaConsumer) -> bool:
-        """Make the session's changes and ``offsets`` durable together; False: it
-        failed, and the session is back at the last durable point."""
+    @property
+    def in_flight(self) -> bool:
+        return self._flight is not None
+
+    def begin(self, session: StreamSession, offsets: dict[TopicPartition, int],
+              consumer: KafkaConsumer) -> None:
+        """Take the checkpoint here, and send it with ``offsets`` in a transaction on
+        the worker thread: the loop goes on learning meanwhile, and
+        :meth:`resolve` later applies the outcome. One at a time: resolve the
+        last one first."""
+        if self._flight is not None:
+            raise RuntimeError("a transaction is still in flight")
         checkpoint = session.checkpoint({tp.partition: o for tp, o in offsets.items()})
         tag = Tag(self.transactional_id, self.incarnation, self.seq + 1)
-        header = [tag.header()]
-        topic = self.kafka.changelog()
         # unique across members and restarts: microseconds, and never twice here
         self._stamp = max(self._stamp + 1, time.time_ns() // 1000)
-        try:
-            if self.producer is None:
-                self._open()
-            prod = self.producer
-            assert prod is not None
-            prod.begin_transaction()
-            for p, values in checkpoint.users.items():
-                for user, value in values:
-                    prod.send(topic, key=user.encode(), value=value, partition=p,
-                              headers=header)
-            for p, confirmed in self.markers.items():
-                for inc, seq in confirmed:
-                    key, value = changelog.confirmed_marker(inc, seq)
-                    prod.send(topic, key=key, value=value, partition=p, headers=header)
-            stamped = {TopicPartition(topic, tp.partition): self._stamp for tp in offsets}
-            for tp in stamped:
-                key, value = changelog.stamp_marker(tag, self._stamp)
-                prod.send(topic, key=key, value=value, partition=tp.partition, headers=header)
-            for key, value, headers in updates.messages(tag, checkpoint.theta, self.confirms):
-                prod.send(self.kafka.updates(), key=key, value=value, partition=0,
-                          headers=headers)
-            if offsets:
-                committed = {tp: OffsetAndMetadata(o, tag.text(), -1)
-                             for tp, o in {**offsets, **stamped}.items()}
-                prod.send_offsets_to_transaction(committed, consumer.group_metadata())
-            prod.commit_transaction()
-        except KafkaError as exc:
+        markers = {p: list(confirmed) for p, confirmed in self.markers.items()}
+        job = _Transaction(checkpoint, tag, self._stamp, markers, dict(self.confirms),
+                           offsets, consumer.group_metadata())
+        self._flight = (job, self._worker.submit(self._send, job))
+
+    def resolve(self, session: StreamSession, *, wait: bool) -> bool | None:
+        """The outcome of the transaction in flight, once it is known (None: none
+        in flight, or not finished and ``wait`` False): True, it is durable; False,
+        it failed, and the session is back at the last durable point."""
+        if self._flight is None or not (wait or self._flight[1].done()):
+            return None
+        (job, future), self._flight = self._flight, None
+        exc = future.exception()
+        if exc is not None:
+            if not isinstance(exc, KafkaError):
+                raise exc
             self._failed(exc)
             session.rollback()
             return False
         session.committed()
+        tag = job.tag
         self.seq = tag.seq
         self.update_log.own[self.incarnation] = tag.seq
         self.update_log.applied[self.incarnation] = tag.seq
-        self.markers.clear()
-        self.confirms.clear()
+        for p, sent in job.markers.items():  # restores since then owe theirs still
+            self.markers[p] = [m for m in self.markers.get(p, []) if m not in sent]
+            if not self.markers[p]:
+                del self.markers[p]
+        for inc, seq in job.confirms.items():
+            if self.confirms.get(inc) == seq:
+                del self.confirms[inc]
         self.metrics.producer_ok.set(1)
         log.debug("transaction %s committed: %d user value(s), θ rows %s, offsets %s",
-                  tag.text(), sum(len(v) for v in checkpoint.users.values()),
-                  {n: len(r) for n, r in checkpoint.theta.rows.items()}
-                  if checkpoint.theta is not None else {},
-                  {tp.partition: o for tp, o in offsets.items()})
+                  tag.text(), sum(len(v) for v in job.checkpoint.users.values()),
+                  {n: len(r) for n, r in job.checkpoint.theta.rows.items()}
+                  if job.checkpoint.theta is not None else {},
+                  {tp.partition: o for tp, o in job.offsets.items()})
         key, value, headers = updates.confirmation(tag)
         try:  # not waited for: the next transaction confirms it too
             self.notifier.send(self.kafka.updates(), key=key, value=value, partition=0,
@@ -147,6 +156,36 @@ class Committer:
         except KafkaError as exc:
             log.debug("confirmation of %s not sent: %s", tag.text(), exc)
         return True
+
+    def _send(self, job: _Transaction) -> None:
+        """On the worker thread: the transaction's records, offsets and commit."""
+        if self.producer is None:
+            self._open()
+        prod = self.producer
+        assert prod is not None
+        header = [job.tag.header()]
+        topic = self.kafka.changelog()
+        prod.begin_transaction()
+        for p, values in job.checkpoint.users.items():
+            for user, value in values:
+                prod.send(topic, key=user.encode(), value=value, partition=p, headers=header)
+        for p, confirmed in job.markers.items():
+            for inc, seq in confirmed:
+                key, value = changelog.confirmed_marker(inc, seq)
+                prod.send(topic, key=key, value=value, partition=p, headers=header)
+        stamped = {TopicPartition(topic, tp.partition): job.stamp for tp in job.offsets}
+        for tp in stamped:
+            key, value = changelog.stamp_marker(job.tag, job.stamp)
+            prod.send(topic, key=key, value=value, partition=tp.partition, headers=header)
+        for key, value, headers in updates.messages(job.tag, job.checkpoint.theta,
+                                                    job.confirms):
+            prod.send(self.kafka.updates(), key=key, value=value, partition=0,
+                      headers=headers)
+        if job.offsets:
+            committed = {tp: OffsetAndMetadata(o, job.tag.text(), -1)
+                         for tp, o in {**job.offsets, **stamped}.items()}
+            prod.send_offsets_to_transaction(committed, job.group)
+        prod.commit_transaction()
 
     def confirm_last(self) -> None:
         """At a clean stop: one more (empty) update, so the last transaction is
@@ -181,5 +220,19 @@ class Committer:
         self.ensure_open()
 
     def close(self, timeout: float) -> None:
+        self._worker.shutdown(wait=True)
         if self.producer is not None:
             self.producer.close(timeout=timeout)
+
+
+@dataclass(frozen=True)
+class _Transaction:
+    """What one transaction sends, all taken on the loop's thread."""
+
+    checkpoint: Checkpoint
+    tag: Tag
+    stamp: int
+    markers: dict[int, list[tuple[str, int]]]
+    confirms: dict[str, int]
+    offsets: dict[TopicPartition, int]
+    group: Any

@@ -91,6 +91,40 @@ def test_another_members_delta_adds_to_theta_and_is_not_sent_back() -> None:
     assert b.checkpoint({}).theta is None  # applied to the base too: nothing of b's own
 
 
+def test_learning_while_a_checkpoint_is_in_flight_stays_out_of_its_durable_point() -> None:
+    """A commit goes to the broker while the session learns on: once it is
+    durable, the base is θ as of the checkpoint, so a rollback drops the learning
+    since, and the next checkpoint carries it."""
+    s = session()
+    s.process(RECORDS[:1500])
+    at_checkpoint = {k: v.clone() for k, v in s.learner.theta.items()}
+    examples = s.learner.examples_learned
+    s.checkpoint({0: s.held_offsets().get(0, 1500)})
+    s.process(RECORDS[1500:2500])  # while the transaction is in flight
+    s.committed()
+    following = s.checkpoint({0: 0}).theta
+    assert following is not None
+    assert following.examples == s.learner.examples_learned - examples > 0
+    s.rollback()
+    assert s.learner.examples_learned == examples
+    assert all(np.array_equal(at_checkpoint[k].numpy(), v.numpy())
+               for k, v in s.learner.theta.items())
+
+
+def test_another_members_delta_applied_while_ours_is_in_flight_is_not_sent_back() -> None:
+    """Both members learned the same items' rows; the other's delta arrives while
+    our transaction is in flight: once ours is durable, nothing is left to send."""
+    ours, other = session(), session()
+    ours.process(RECORDS[:1500])
+    other.process(RECORDS[:1500])
+    ours.checkpoint({0: 0})
+    delta = other.checkpoint({0: 0}).theta
+    assert delta is not None
+    ours.apply_delta(delta)
+    ours.committed()
+    assert ours.checkpoint({}).theta is None
+
+
 @pytest.mark.parametrize("damage", [
     lambda v: v[:-3], lambda v: b"MRU1" + v[4:20], lambda v: b"", lambda v: b"\x00" * len(v),
     lambda v: v + b"x"])
