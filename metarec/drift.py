@@ -1,14 +1,28 @@
-"""Drift monitoring over the prequential stream, overall and per segment.
+"""Drift episodes over the prequential stream, overall and per segment.
 
-Signals, fed the labelled predictions of each micro-batch in stream order:
+The labelled predictions of a segment are cut into blocks of ``block_labels``
+labels. Every completed block, the latest ``current_blocks`` blocks (the current
+window) are compared with the ``reference_blocks`` blocks before them:
 
-* ``logloss``: river ``ADWIN`` on each example's logloss; only a rise is an alarm
-  (a learning model's loss falls, and that is not drift).
-* ``click_rate`` and ``score``: Page-Hinkley (river's, computed over arrays) on
-  the label and on the predicted probability.
-* ``score_psi`` and ``item_novelty_psi``: population stability index of the
-  scores, and of how often each item had been seen before, over the latest
-  window against the window before it (re-based after an alarm).
+* ``click_rate``, ``score`` and ``logloss``: the window's mean against the
+  reference's. The standard error comes from the spread of the reference's block
+  means (batch means), not from a count of examples: users act in bursts, one
+  user's burst moves a whole block, and such moves are then ordinary. A change is
+  drift when it is both unlikely (``z_threshold``) and large enough to matter: a
+  relative change of the click rate or the mean score of ``min_relative_change``,
+  a rise of the logloss of ``min_logloss_rise`` (a learning model's loss falls,
+  and that is not drift).
+* ``score_psi`` and ``item_novelty_psi``: the population stability index of the
+  scores, and of how often each item had been seen before, with every user
+  weighing the same in each window (a burst is one user, not hundreds of
+  examples). Drift when the PSI reaches ``min_psi`` and is unlikely for windows
+  of that many users (PSI over ``1/n + 1/m`` users is about chi-square).
+
+A drift is an *episode*: it opens once, with its effect (before, after, the
+statistic), and the reference stays as it was before the change while it is
+open. It closes when the effect falls below ``close_fraction`` of its minimum
+(the signal returned), or once the new level has lasted a whole reference
+window: then it is the new normal, and the reference moves on.
 
 A segment is the value of one context field (``platform`` by default); users are
 never a segment, so label sets stay small.
@@ -17,54 +31,55 @@ never a segment, so label sets stay small.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Literal
 
 import numpy as np
-from numba import njit
 from pydantic import BaseModel, Field
-from river import drift
+
+#: signals compared by their means, and by their distributions
+MEAN_SIGNALS = ("click_rate", "score", "logloss")
+PSI_SIGNALS = ("score_psi", "item_novelty_psi")
+SIGNALS = MEAN_SIGNALS + PSI_SIGNALS
 
 
 class DriftConfig(BaseModel):
-    """Every setting of the drift monitor: its detectors, their windows, the segments."""
+    """Every setting of the drift monitor: its windows, its thresholds, the segments."""
 
-    warmup: int = Field(
-        2000, ge=0, description="labelled examples a segment sees before any of its alarms "
-        "is raised (its PSI windows start filling after them)")
-    adwin_delta: float = Field(
-        0.01, gt=0, lt=1, description="ADWIN's confidence on the per-example logloss: "
-        "smaller, fewer and later alarms")
-    ph_threshold: float = Field(
-        60.0, gt=0, description="Page-Hinkley alarm threshold on the click rate and on the "
-        "score: the cumulative deviation from their running mean, summed over examples")
-    ph_delta: float = Field(
-        0.05, ge=0, description="deviation of a label or a score from its running mean "
-        "(probability units, per example) that Page-Hinkley tolerates without alarm")
-    ph_min_instances: int = Field(
-        30, ge=1, description="examples a Page-Hinkley detector sees, at the start and "
-        "after each alarm, before it may raise one")
-    ph_alpha: float = Field(
-        1 - 0.0001, gt=0, le=1, description="Page-Hinkley's forgetting factor per example "
-        "on the accumulated deviation (1: never forgets)")
-    psi_window: int = Field(
-        2000, ge=100, description="labelled examples in each PSI window: the latest window "
-        "is compared with the one just before it")
-    psi_threshold: float = Field(
-        0.25, gt=0, description="population stability index above which the latest window "
-        "is an alarm (0.25: the customary 'major shift')")
+    block_labels: int = Field(
+        100, ge=10, description="labels per block: windows are whole blocks, and a "
+        "segment is checked once per block")
+    current_blocks: int = Field(
+        4, ge=1, description="blocks in the current window (the latest labels): "
+        "fewer, sooner but noisier alarms")
+    reference_blocks: int = Field(
+        40, ge=4, description="blocks in the reference window before it; a segment is "
+        "checked once both windows are full")
+    z_threshold: float = Field(
+        5.0, gt=0, description="standard errors the click rate or the mean score must "
+        "move, either way (users as the independent units)")
+    logloss_z_threshold: float = Field(
+        4.0, gt=0, description="standard errors the mean logloss must rise (one-sided: a "
+        "fall is a model learning)")
+    min_relative_change: float = Field(
+        0.2, gt=0, description="smallest relative change of the click rate or the mean "
+        "score that is an alarm (0.2: 20%)")
+    min_logloss_rise: float = Field(
+        0.02, gt=0, description="smallest rise of the mean logloss that is an alarm")
+    min_psi: float = Field(
+        0.2, gt=0, description="smallest population stability index that is an alarm "
+        "(0.2: the customary 'significant shift')")
+    psi_significance: float = Field(
+        1e-6, gt=0, lt=1, description="chance a PSI as large would arise between two "
+        "samples of the windows' users with nothing changed, below which it is an alarm")
     psi_bins: int = Field(
         10, ge=2, le=100, description="bins of the score PSI, cut at the quantiles of the "
         "reference window (10: deciles)")
-    psi_checks_per_window: int = Field(
-        4, ge=1, le=100, description="PSI comparisons per window of new examples (4: one "
-        "every quarter window)")
-    slow_average_examples: int = Field(
-        2000, ge=1, description="span in examples of the slow moving average a click-rate "
-        "or score alarm reports as the value before the change")
-    fast_average_examples: int = Field(
-        200, ge=1, description="span in examples of the fast moving average a click-rate "
-        "or score alarm reports as the value after the change")
+    close_fraction: float = Field(
+        0.5, gt=0, lt=1, description="an episode closes when its effect falls below this "
+        "fraction of the minimum that opened it (hysteresis)")
     segment_field: str = Field(
         "platform", description="context field whose values are the segments monitored "
         "on their own besides 'all'")
@@ -75,143 +90,32 @@ class DriftConfig(BaseModel):
 
 @dataclass(frozen=True)
 class DriftEvent:
-    """What drifted, where, when (event time) and by how much."""
+    """An episode opening or closing: which signal, where, when (event time) and by
+    how much. ``statistic``: the z score of a mean, or the PSI."""
 
     signal: str
-    detector: str
+    detector: Literal["user_means", "psi"]
     segment: str
     timestamp: float
-    examples: int  # examples of the segment seen when it fired
+    examples: int  # labels of the segment seen when it happened
     before: float
     after: float
+    statistic: float
+    state: Literal["open", "closed"] = "open"
+    #: why an episode closed: the signal "returned", or the new level "settled"
+    reason: str = ""
 
     @property
     def magnitude(self) -> float:
         return self.after - self.before
 
+    @property
+    def relative(self) -> float:
+        return self.magnitude / abs(self.before) if self.before else math.inf
+
 
 #: added to every bin's share: a bin empty in one sample would make the PSI infinite
 PSI_EPSILON = 1e-4
-
-#: Page-Hinkley's recursion is run over chunks of this many examples: within one,
-#: alpha**-k stays near 1, so the cumulative sums keep their precision
-PH_CHUNK = 4096
-
-
-def psi(reference: np.ndarray, current: np.ndarray, edges: np.ndarray) -> float:
-    """Population stability index of two samples over the bins ``edges``."""
-    ref = np.histogram(reference, edges)[0] / max(len(reference), 1) + PSI_EPSILON
-    cur = np.histogram(current, edges)[0] / max(len(current), 1) + PSI_EPSILON
-    return float(np.sum((cur - ref) * np.log(cur / ref)))
-
-
-class PageHinkley:
-    """river's ``PageHinkley`` (mode "both"), over arrays: the same recursion, as
-    cumulative sums, so a micro-batch costs a few numpy calls rather than a Python
-    call per example."""
-
-    def __init__(self, threshold: float, delta: float, min_instances: int = 30,
-                 alpha: float = 1 - 0.0001):
-        self.threshold, self.delta = threshold, delta
-        self.min_instances, self.alpha = min_instances, alpha
-        self._reset()
-
-    def _reset(self) -> None:
-        self.n = 0
-        self.mean = 0.0
-        self.sum_increase = self.sum_decrease = 0.0
-        self.min_increase, self.max_decrease = math.inf, -1.0
-        self.drift_detected = False
-
-    def update_many(self, x: np.ndarray) -> list[int]:
-        """Feed ``x`` in order; the indices at which a drift was detected."""
-        alarms: list[int] = []
-        j = 0
-        while j < len(x):
-            if self.drift_detected:
-                self._reset()
-            xs = x[j:j + PH_CHUNK]
-            k = np.arange(1, len(xs) + 1)
-            n = self.n + k
-            mean = (self.mean * self.n + np.cumsum(xs)) / n
-            dev = xs - mean
-            decay = self.alpha ** k
-            inc = decay * (self.sum_increase + np.cumsum((dev - self.delta) / decay))
-            dec = decay * (self.sum_decrease + np.cumsum((dev + self.delta) / decay))
-            min_inc = np.minimum.accumulate(np.minimum(inc, self.min_increase))
-            max_dec = np.maximum.accumulate(np.maximum(dec, self.max_decrease))
-            hit = np.flatnonzero((n >= self.min_instances) & (
-                (inc - min_inc > self.threshold) | (max_dec - dec > self.threshold)))
-            end = int(hit[0]) if len(hit) else len(xs) - 1
-            self.n, self.mean = int(n[end]), float(mean[end])
-            self.sum_increase, self.sum_decrease = float(inc[end]), float(dec[end])
-            self.min_increase, self.max_decrease = float(min_inc[end]), float(max_dec[end])
-            if len(hit):
-                self.drift_detected = True
-                alarms.append(j + end)
-            j += end + 1
-        return alarms
-
-
-class _PSI:
-    """PSI of the latest window against the window just before it, every
-    ``window // checks`` examples, over fixed ``edges`` or else ``bins`` cut at the
-    reference's quantiles. Comparing neighbours, not a fixed first window, lets a
-    model's scores shift slowly as it learns, and still catches an abrupt change
-    within a window."""
-
-    def __init__(self, window: int, edges: np.ndarray | None = None, *, bins: int = 10,
-                 checks: int = 4):
-        self.window = window
-        self.fixed_edges = edges
-        self.bins = bins
-        self.every = window // checks
-        # the latest (up to) 2 windows of values, a ring ending before index `end`
-        self._ring = np.zeros(2 * window)
-        self._held = self._end = 0
-        self.since = 0
-
-    def update_many(self, xs: np.ndarray,
-                    threshold: float) -> list[tuple[int, float, float, float]]:
-        """Feed ``xs`` in order, comparing every ``window // checks`` examples once two
-        windows are held and re-basing after each alarm: (index, psi, reference mean,
-        current mean) for every comparison made."""
-        out = []
-        j = 0
-        while j < len(xs):
-            # append up to the next comparison at once
-            step = max(2 * self.window - self._held, self.every - self.since, 1)
-            chunk = xs[j:j + step]
-            self._append(chunk)
-            self.since += len(chunk)
-            j += len(chunk)
-            if self._held < 2 * self.window or self.since < self.every:
-                continue
-            self.since = 0
-            got = self._compare()
-            out.append((j - 1, *got))
-            if got[0] > threshold:
-                self._held = self.window  # the changed window becomes the next reference
-        return out
-
-    def _append(self, xs: np.ndarray) -> None:
-        size = len(self._ring)
-        xs = xs[-size:]
-        self._ring[(self._end + np.arange(len(xs))) % size] = xs
-        self._end = (self._end + len(xs)) % size
-        self._held = min(self._held + len(xs), size)
-
-    def _compare(self) -> tuple[float, float, float]:
-        size = len(self._ring)
-        data = self._ring[(self._end - size + np.arange(size)) % size]  # oldest first
-        ref, cur = data[: self.window], data[self.window:]
-        edges = self.fixed_edges
-        if edges is None:  # the reference's quantiles (deciles for 10 bins)
-            inner = np.unique(np.quantile(ref, np.linspace(1 / self.bins, 1 - 1 / self.bins,
-                                                           self.bins - 1)))
-            edges = np.concatenate([[-np.inf], inner, [np.inf]])
-        return psi(ref, cur, edges), float(ref.mean()), float(cur.mean())
-
 
 #: an item seen 0, 1, 2 or 3+ times before: a stationary catalogue settles at 3+, and
 #: more bins would only tell apart items that are all familiar
@@ -219,121 +123,241 @@ NOVELTY_CAP = 3
 NOVELTY_EDGES = np.array([-np.inf, *(k + 0.5 for k in range(NOVELTY_CAP)), np.inf])
 
 
+def psi(reference: np.ndarray, current: np.ndarray, edges: np.ndarray,
+        reference_weights: np.ndarray | None = None,
+        current_weights: np.ndarray | None = None) -> float:
+    """Population stability index of two samples over the bins ``edges``, each
+    value weighing its weight (by default, all alike)."""
+    ref = _shares(reference, edges, reference_weights)
+    cur = _shares(current, edges, current_weights)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def _shares(x: np.ndarray, edges: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Each bin's share of the total weight: bins [edges[i], edges[i + 1]), as
+    ``np.histogram``'s when the outer edges are infinite, at a fraction of its cost."""
+    counts = np.bincount(np.searchsorted(edges[1:-1], x, side="right"), weights,
+                         minlength=len(edges) - 1)
+    return counts / max(float(counts.sum()), 1e-12) + PSI_EPSILON
+
+
+def chi2_quantile(p_upper: float, dof: int) -> float:
+    """The chi-square value exceeded with probability ``p_upper`` (Wilson–Hilferty)."""
+    z = NormalDist().inv_cdf(1 - p_upper)
+    k = float(dof)
+    return k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+
+
+#: users a current window needs before it can raise an alarm
+MIN_USERS = 20
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What a window's labels say, every user weighing the same: the user count,
+    the mean over users of each user's mean label, score and loss with its standard
+    error (users as the independent units), and the shares of the score's bins and
+    of the novelty's."""
+
+    users: int
+    means: np.ndarray  # label, score, loss
+    errors: np.ndarray
+    score_mean: float
+    novelty_mean: float
+    score_edges: np.ndarray
+    score_shares: np.ndarray
+    novelty_shares: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray, score_edges: np.ndarray | None, bins: int) -> _Window:
+        """``values``: rows of (label, score, loss, novelty, user code); the score's
+        bins at ``score_edges``, or else cut at this window's quantiles."""
+        _, inverse, counts = np.unique(values[:, 4], return_inverse=True, return_counts=True)
+        users = len(counts)
+        # per user: the mean label, score, loss and novelty
+        per_user = np.stack([np.bincount(inverse, values[:, col], minlength=users)
+                             for col in range(4)], axis=1) / counts[:, None]
+        errors = (per_user[:, :3].std(axis=0, ddof=1) / math.sqrt(users) if users > 1
+                  else np.full(3, math.nan))
+        weights = 1.0 / counts[inverse]
+        if score_edges is None:
+            score_edges = _quantile_edges(values[:, 1], bins)
+        means = per_user.mean(axis=0)
+        return cls(users, means[:3], errors, float(means[1]), float(means[3]), score_edges,
+                   _shares(values[:, 1], score_edges, weights),
+                   _shares(values[:, 3], NOVELTY_EDGES, weights))
+
+
+@dataclass
+class _Episode:
+    opened_block: int
+    reference: _Window  # as it was before the change, kept while the episode is open
+
+
 @dataclass
 class _Segment:
+    """One segment's latest windows and open episodes."""
+
     config: DriftConfig
     name: str
     n: int = 0
-    adwin: drift.ADWIN = field(init=False)
-    ph_ctr: PageHinkley = field(init=False)
-    ph_score: PageHinkley = field(init=False)
-    psi_score: _PSI = field(init=False)
-    psi_novelty: _PSI = field(init=False)
-    # slow and fast moving averages (DriftConfig's spans): "from what to what"
-    ctr_slow: float = 0.0
-    ctr_fast: float = 0.0
-    score_slow: float = 0.0
-    score_fast: float = 0.0
+    blocks: int = 0
+    # the labels of the block being filled: (label, score, loss, novelty, user, time)
+    partial: list[np.ndarray] = field(default_factory=list)
+    # the latest windows' blocks, oldest first: label, score, loss, novelty and user
+    # code per row
+    recent: deque[np.ndarray] = field(init=False)
+    reference: _Window | None = None
+    episodes: dict[str, _Episode] = field(default_factory=dict)
+    # after an episode whose signal returned: the reference from before it, and the
+    # block until which the rolling reference still holds the episode's labels
+    kept: dict[str, tuple[_Window, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        c = self.config
-        self.adwin = drift.ADWIN(delta=c.adwin_delta)
-        self.ph_ctr, self.ph_score = (
-            PageHinkley(c.ph_threshold, c.ph_delta, c.ph_min_instances, c.ph_alpha)
-            for _ in range(2))
-        self.psi_score = _PSI(c.psi_window, bins=c.psi_bins, checks=c.psi_checks_per_window)
-        self.psi_novelty = _PSI(c.psi_window, NOVELTY_EDGES, checks=c.psi_checks_per_window)
+        self.recent = deque(maxlen=self.config.reference_blocks + self.config.current_blocks)
 
-    def update(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
-               novelty: np.ndarray, latest_psi: dict[tuple[str, str], float]) -> list[DriftEvent]:
+    def update(self, columns: np.ndarray, latest_psi: dict[tuple[str, str], float]
+               ) -> list[DriftEvent]:
+        """``columns``: n x 6 (label, score, loss, novelty, user, time), in order."""
         out: list[DriftEvent] = []
-        m, n0, warmup = len(p), self.n, self.config.warmup
-        if m == 0:
-            return out
-        self.n += m
-        first = max(0, warmup - n0)  # the first index past the warm-up: alarms count
-
-        def at(j: int) -> tuple[float, int]:
-            return float(timestamp[j]), n0 + j + 1
-
-        q = np.clip(p, 1e-7, 1 - 1e-7)
-        loss = -(label * np.log(q) + (1 - label) * np.log(1 - q))
-        adwin = self.adwin
-        # ADWIN's window only grows between detections: its mean is tracked here,
-        # and read back from ADWIN after a detection (and after the reset that follows)
-        total, width, resync = adwin.total, adwin.width, False
-        for j, x in enumerate(loss.tolist()):
-            before = total / width if width else 0.0
-            adwin.update(x)
-            if adwin.drift_detected or resync:
-                total, width, resync = adwin.total, adwin.width, adwin.drift_detected
-                if adwin.drift_detected and j >= first and total / width > before:
-                    out.append(DriftEvent("logloss", "adwin", self.name, *at(j), before,
-                                          total / width))
-            else:
-                total, width = total + x, width + 1
-        # moving averages, kept per example: "from what to what" for the alarms
-        ewma = np.empty((m, 4))
-        _moving_averages(label, p, n0, np.array([self.ctr_slow, self.ctr_fast, self.score_slow,
-                                                 self.score_fast]),
-                         (self.config.slow_average_examples, self.config.fast_average_examples),
-                         ewma)
-        self.ctr_slow, self.ctr_fast, self.score_slow, self.score_fast = ewma[-1].tolist()
-        for signal, ph, values, col in (("click_rate", self.ph_ctr, label, 0),
-                                        ("score", self.ph_score, p, 2)):
-            for j in ph.update_many(values):
-                if j >= first:
-                    out.append(DriftEvent(signal, "page_hinkley", self.name, *at(j),
-                                          float(ewma[j, col]), float(ewma[j, col + 1])))
-        threshold = self.config.psi_threshold
-        for signal, tracker, values in (("score_psi", self.psi_score, p),
-                                        ("item_novelty_psi", self.psi_novelty, novelty)):
-            for j, value, ref_mean, cur_mean in tracker.update_many(values[first:], threshold):
-                latest_psi[(signal, self.name)] = value
-                if value > threshold:
-                    out.append(DriftEvent(signal, "psi", self.name, *at(first + j), ref_mean,
-                                          cur_mean))
+        size = self.config.block_labels
+        held = sum(len(c) for c in self.partial)
+        start = 0
+        while held + len(columns) - start >= size:
+            take = size - held
+            block = np.concatenate([*self.partial, columns[start:start + take]])
+            self.partial, held, start = [], 0, start + take
+            out += self._block(block, latest_psi)
+        if start < len(columns):
+            self.partial.append(columns[start:])
+        self.n += len(columns)
         return out
 
+    def _block(self, block: np.ndarray, latest_psi: dict[tuple[str, str], float]
+               ) -> list[DriftEvent]:
+        c = self.config
+        self.blocks += 1
+        self.recent.append(block[:, :5])
+        if len(self.recent) < self.recent.maxlen:  # type: ignore[operator]
+            return []
+        blocks = list(self.recent)
+        # the reference moves a block at a time: summarised every few blocks it is
+        # nearly the same, at a fraction of the cost
+        if self.reference is None or self.blocks % REFRESH_BLOCKS == 0:
+            self.reference = _Window.of(np.concatenate(blocks[:c.reference_blocks]), None,
+                                        c.psi_bins)
+        current_values = np.concatenate(blocks[c.reference_blocks:])
+        # labels of the segment at the block's end: blocks are cut at whole counts
+        timestamp, examples = float(block[-1, 5]), self.blocks * c.block_labels
+        out: list[DriftEvent] = []
+        currents: dict[int, _Window] = {}  # by the reference's identity: its score bins
+        for signal in SIGNALS:
+            episode = self.episodes.get(signal)
+            kept = self.kept.get(signal)
+            if kept is not None and self.blocks >= kept[1]:
+                del self.kept[signal]
+                kept = None
+            reference = (episode.reference if episode is not None
+                         else kept[0] if kept is not None else self.reference)
+            current = currents.get(id(reference))
+            if current is None:
+                current = currents[id(reference)] = _Window.of(
+                    current_values, reference.score_edges, c.psi_bins)
+            event = self._check(signal, reference, current, episode, timestamp, examples,
+                                latest_psi)
+            if event is not None:
+                out.append(event)
+        return out
 
-@njit(cache=True)
-def _moving_averages(label: np.ndarray, score: np.ndarray, n0: int, start: np.ndarray,
-                     spans: tuple[int, int], out: np.ndarray) -> None:
-    """Slow and fast moving averages (over about ``spans`` examples) of the label and
-    the score after each example, from ``start`` after ``n0`` examples: ``out`` m x 4."""
-    avg = start.copy()
-    slow_span, fast_span = spans
-    for j in range(label.shape[0]):
-        n = n0 + j + 1
-        slow, fast = 1.0 / min(n, slow_span), 1.0 / min(n, fast_span)
-        avg[0] += slow * (label[j] - avg[0])
-        avg[1] += fast * (label[j] - avg[1])
-        avg[2] += slow * (score[j] - avg[2])
-        avg[3] += fast * (score[j] - avg[3])
-        out[j] = avg
+    def _check(self, signal: str, reference: _Window, current: _Window,
+               episode: _Episode | None, timestamp: float, examples: int,
+               latest_psi: dict[tuple[str, str], float]) -> DriftEvent | None:
+        c = self.config
+        detector: Literal["user_means", "psi"]
+        if signal in MEAN_SIGNALS:
+            col = MEAN_SIGNALS.index(signal)
+            detector = "user_means"
+            before, after = float(reference.means[col]), float(current.means[col])
+            change = after - before
+            statistic = change / max(math.hypot(reference.errors[col], current.errors[col]),
+                                     1e-12)
+            if signal == "logloss":  # only a rise: a learning model's loss falls
+                effect, minimum, unlikely = change, c.min_logloss_rise, \
+                    statistic >= c.logloss_z_threshold
+            else:
+                effect = abs(change) / max(abs(before), 1e-12)
+                minimum, unlikely = c.min_relative_change, abs(statistic) >= c.z_threshold
+        else:
+            detector = "psi"
+            if signal == "score_psi":
+                ref, cur = reference.score_shares, current.score_shares
+                before, after = reference.score_mean, current.score_mean
+            else:
+                ref, cur = reference.novelty_shares, current.novelty_shares
+                before, after = reference.novelty_mean, current.novelty_mean
+            statistic = effect = float(np.sum((cur - ref) * np.log(cur / ref)))
+            latest_psi[(signal, self.name)] = effect
+            minimum = c.min_psi
+            # PSI x (1/n + 1/m) users is about chi-square with nothing changed
+            unlikely = effect / (1 / current.users + 1 / reference.users) >= chi2_quantile(
+                c.psi_significance, max(len(ref) - 1, 1))
+            # items growing familiar is the catalogue settling; only more novelty is drift
+            if signal == "item_novelty_psi" and after >= before:
+                unlikely = False
+        if episode is None:
+            if unlikely and effect >= minimum and current.users >= MIN_USERS:
+                self.episodes[signal] = _Episode(self.blocks, reference)
+                return DriftEvent(signal, detector, self.name, timestamp, examples, before,
+                                  after, statistic)
+            return None
+        returned = effect < c.close_fraction * minimum
+        settled = self.blocks - episode.opened_block >= c.reference_blocks
+        if not (returned or settled):
+            return None
+        del self.episodes[signal]
+        if returned:  # compare with the level before it, not with the episode itself
+            self.kept[signal] = (episode.reference,
+                                 self.blocks + c.reference_blocks + c.current_blocks)
+        return DriftEvent(signal, detector, self.name, timestamp, examples, before, after,
+                          statistic, "closed", "returned" if returned else "settled")
+
+
+#: blocks between summaries of a segment's reference window
+REFRESH_BLOCKS = 4
+
+
+def _quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
+    inner = np.unique(np.quantile(reference, np.linspace(1 / bins, 1 - 1 / bins, bins - 1)))
+    return np.concatenate([[-np.inf], inner, [np.inf]])
 
 
 class DriftMonitor:
-    """Drift alarms over the labelled predictions, overall ('all') and per segment."""
+    """Drift episodes over the labelled predictions, overall ('all') and per segment."""
 
     def __init__(self, config: DriftConfig | None = None):
         self.config = config or DriftConfig()
         self.segments: dict[str, _Segment] = {}
         self.item_seen: defaultdict[str, int] = defaultdict(int)
+        self.user_codes: dict[str, int] = {}
         self.events: list[DriftEvent] = []
         self.latest_psi: dict[tuple[str, str], float] = {}
 
     def update_batch(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
-                     item_ids: list[str], segments: list[str | None]) -> list[DriftEvent]:
-        """Labelled predictions in stream order; returns the alarms they raised, in
-        event-time order; the same as feeding them one at a time."""
-        seen = self.item_seen
+                     item_ids: list[str], segments: list[str | None],
+                     user_ids: list[str]) -> list[DriftEvent]:
+        """Labelled predictions in stream order; returns the episodes they opened or
+        closed, in event-time order; the same however the stream is chunked."""
+        seen, codes = self.item_seen, self.user_codes
         novelty = np.empty(len(item_ids))
         for j, item in enumerate(item_ids):
             count = seen[item]
             novelty[j] = min(count, NOVELTY_CAP)
             seen[item] = count + 1
-        overall = self._segment("all")
+        users = np.fromiter((codes.setdefault(u, len(codes)) for u in user_ids),
+                            dtype=np.float64, count=len(user_ids))
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        loss = -(label * np.log(q) + (1 - label) * np.log(1 - q))
+        columns = np.column_stack([label, p, loss, novelty, users, timestamp])
         groups: dict[str, list[int]] = {}
         new = 0  # segments first seen in this batch
         for j, segment in enumerate(segments):
@@ -345,14 +369,17 @@ class DriftMonitor:
                     continue
                 new += 1
             groups.setdefault(name, []).append(j)
-        out = overall.update(p, label, timestamp, novelty, self.latest_psi)
+        out = self._segment("all").update(columns, self.latest_psi)
         for name, idx in groups.items():
-            sel = np.asarray(idx)
-            out += self._segment(name).update(p[sel], label[sel], timestamp[sel],
-                                              novelty[sel], self.latest_psi)
+            out += self._segment(name).update(columns[np.asarray(idx)], self.latest_psi)
         out.sort(key=lambda e: e.timestamp)
         self.events += out
         return out
+
+    def open_episodes(self) -> list[tuple[str, str]]:
+        """(signal, segment) of every episode open now."""
+        return sorted((signal, seg.name) for seg in self.segments.values()
+                      for signal in seg.episodes)
 
     def _segment(self, name: str) -> _Segment:
         seg = self.segments.get(name)

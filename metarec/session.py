@@ -108,7 +108,8 @@ class SessionStatus:
     dead_letters: dict[str, int]
     join_outcomes: dict[str, int]
     psi: dict[tuple[str, str], float]
-    drift_alarms: int
+    drift_alarms: int  # drift episodes opened
+    open_episodes: list[tuple[str, str]]  # (signal, segment) of those open now
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,8 @@ class StreamSession:
             np.concatenate([preds.label for preds, _ in pending]),
             np.concatenate([preds.timestamp for preds, _ in pending]),
             [item for preds, _ in pending for item in preds.item_id],
-            [seg for _, segments in pending for seg in segments])
+            [seg for _, segments in pending for seg in segments],
+            [user for preds, _ in pending for user in preds.user_id])
 
     def snapshot(self) -> ModelSnapshot:
         learner = self.learner
@@ -378,7 +380,9 @@ class StreamSession:
             pending_impressions=joiner.pending, pending_bytes=joiner.pending_bytes,
             buffered_records=self.buffered_total(), watermark=joiner.watermark,
             dead_letters=dict(self._dead_letters), join_outcomes=dict(joiner.stats),
-            psi=dict(self._drift.latest_psi), drift_alarms=len(self._drift.events))
+            psi=dict(self._drift.latest_psi),
+            drift_alarms=sum(e.state == "open" for e in self._drift.events),
+            open_episodes=self._drift.open_episodes())
 
     def event_time(self) -> float:
         """The newest event time the joiner's clock has reached (-inf: none yet)."""

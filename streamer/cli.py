@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--summary-json", type=Path, default=None,
                         help="also write the summary as JSON to this file")
     add_settings_flags(replay)
-    drift = sub.add_parser("drift", help="drift alarms")
+    drift = sub.add_parser("drift", help="drift episodes")
     drift_sub = drift.add_subparsers(dest="drift_command", required=True)
-    report = drift_sub.add_parser("report", help="summarise drift alarms and plot them")
-    report.add_argument("file", type=Path, help="drift alarms (JSONL from replay --drift-out)")
+    report = drift_sub.add_parser("report", help="explain each drift episode and plot them")
+    report.add_argument("file", type=Path,
+                        help="drift episodes (JSONL from replay --drift-out, or the drift topic)")
     report.add_argument("--png", type=Path, default=None, help="draw them over time here")
     model = sub.add_parser("model", help="model versions on the model topic")
     model_sub = model.add_subparsers(dest="model_command", required=True)

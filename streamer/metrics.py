@@ -102,11 +102,14 @@ class Metrics:
                                     "last meta-update", registry=r)
         self.watermark = Gauge("metarec_watermark_timestamp_seconds", "Event-time watermark",
                                registry=r)
-        self.drift_alarms = Counter("metarec_drift_alarms", "Drift alarms, by signal "
+        self.drift_alarms = Counter("metarec_drift_alarms", "Drift episodes opened, by signal "
                                     "(logloss, click_rate, score, score_psi, item_novelty_psi) "
                                     "and segment", ["signal", "segment"], registry=r)
         self.psi = Gauge("metarec_drift_psi", "Latest population stability index against the "
                          "reference window", ["signal", "segment"], registry=r)
+        self.drift_open = Gauge("metarec_drift_episode_open", "1 while a drift episode of "
+                                "the signal and segment is open", ["signal", "segment"],
+                                registry=r)
         self.commits_ok = Gauge("metarec_kafka_commit_ok", "1 while this member's last "
                                 "offset commit succeeded, 0 since one failed (broker "
                                 "unreachable, or a rebalance in progress)", registry=r)
@@ -165,7 +168,9 @@ class Metrics:
         if math.isfinite(status.watermark):
             self.watermark.set(status.watermark)
         for event in result.drift:
-            self.drift_alarms.labels(event.signal, event.segment).inc()
+            if event.state == "open":
+                self.drift_alarms.labels(event.signal, event.segment).inc()
+            self.drift_open.labels(event.signal, event.segment).set(event.state == "open")
         for (signal, segment), value in status.psi.items():
             self.psi.labels(signal, segment).set(value)
         for outcome, n in status.join_outcomes.items():

@@ -240,6 +240,7 @@ def replay(settings: Settings, source: str, *, progress: bool = True) -> ReplayS
         seconds=seconds,
         quality=session.quality(),
         meta_updates=status.meta_updates,
-        drift_alarms=dict(Counter(e.signal for e in session.drift_events())),
+        drift_alarms=dict(Counter(e.signal for e in session.drift_events()
+                                  if e.state == "open")),
         versions=publisher.published if publisher is not None else [],
     )

@@ -51,11 +51,15 @@ class PredictionLog:
 
 
 def drift_json(event: DriftEvent) -> str:
-    """A drift record: what drifted, where, when (event time) and by how much."""
-    return json.dumps({"signal": event.signal, "detector": event.detector,
-                       "segment": event.segment, "timestamp": event.timestamp,
-                       "examples": event.examples, "before": event.before,
-                       "after": event.after, "magnitude": event.magnitude})
+    """A drift record: an episode opening or closing; what drifted, where, when
+    (event time) and by how much."""
+    return json.dumps({"state": event.state, "signal": event.signal,
+                       "detector": event.detector, "segment": event.segment,
+                       "timestamp": event.timestamp, "examples": event.examples,
+                       "before": event.before, "after": event.after,
+                       "magnitude": event.magnitude,
+                       "relative": event.relative if math.isfinite(event.relative) else None,
+                       "statistic": event.statistic, "reason": event.reason})
 
 
 class DriftFile:
@@ -85,9 +89,10 @@ class DriftTopic:
             key = (event.signal, event.segment)
             if now - self._logged.get(key, -math.inf) >= self.log_every:
                 self._logged[key] = now
-                log.info("drift: %s (%s) in %s at event time %.0f: %.4f -> %.4f", event.signal,
+                log.info("drift episode %s: %s (%s) in %s at event time %.0f: %.4f -> %.4f%s",
+                         "opened" if event.state == "open" else "closed", event.signal,
                          event.detector, event.segment, event.timestamp, event.before,
-                         event.after)
+                         event.after, f" ({event.reason})" if event.reason else "")
             self.producer.send(self.topic, key=event.segment.encode(),
                                value=drift_json(event).encode())
 

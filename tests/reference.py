@@ -30,8 +30,9 @@ def slots(features: Mapping[str, FeatureValue], width: int, spec: FeatureSpec) -
 
 
 def drift_update(monitor: DriftMonitor, p: float, label: float, timestamp: float,
-                 item_id: str, segment: str | None) -> list[DriftEvent]:
-    """One labelled prediction fed to ``monitor`` on its own; the alarms it raised.
-    :meth:`DriftMonitor.update_batch` must raise the same, however it is chunked."""
+                 item_id: str, segment: str | None, user_id: str) -> list[DriftEvent]:
+    """One labelled prediction fed to ``monitor`` on its own; the episodes it opened
+    or closed. :meth:`DriftMonitor.update_batch` must give the same, however it is
+    chunked."""
     return monitor.update_batch(np.array([p]), np.array([label]), np.array([timestamp]),
-                                [item_id], [segment])
+                                [item_id], [segment], [user_id])

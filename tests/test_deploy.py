@@ -116,14 +116,20 @@ def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path:
         # the malformed record sits mid-stream: its count arrives with a later scrape
         assert wait_for(prom_port, 'metarec_dead_letters_total{reason="not_json"} == 1')
         assert wait_for(prom_port, 'metarec_drift_alarms_total{signal="click_rate"} > 0')
+        # the episode's gauge is exported (a backlog this small opens and settles the
+        # episode within a scrape interval: the counter, which the alert also reads,
+        # is what keeps it)
+        assert wait_for(prom_port, 'metarec_drift_episode_open{signal="click_rate",'
+                                   'segment="all"} >= 0')
     finally:
         prom.terminate()
         run.send_signal(signal.SIGTERM)
         prom.wait(30)
         _, stderr = run.communicate(timeout=60)
     assert run.returncode == 0, stderr[-2000:]
-    assert "drift: click_rate" in stderr
+    assert "drift episode opened: click_rate" in stderr
     drift = [json.loads(m.value) for m in read_all(broker, topics.drift, 1)]
     assert any(d["signal"] == "click_rate" and d["segment"] == "all" for d in drift)
-    assert all({"timestamp", "before", "after", "magnitude"} <= set(d) for d in drift)
+    assert all({"state", "timestamp", "before", "after", "magnitude", "relative"} <= set(d)
+               for d in drift)
 

@@ -29,8 +29,8 @@ def test_every_setting_of_the_core_has_a_flag_on_run_and_replay() -> None:
     ("--meta-min-task", "7", lambda s: s.session.learner.meta.min_task == 7),
     ("--no-meta-update-tables", None, lambda s: s.session.learner.meta.update_tables is False),
     ("--item-slots", "5", lambda s: s.session.learner.model.features.item_slots == 5),
-    ("--drift-adwin-delta", "0.002", lambda s: s.session.drift.adwin_delta == 0.002),
-    ("--drift-psi-window", "500", lambda s: s.session.drift.psi_window == 500),
+    ("--drift-min-logloss-rise", "0.05", lambda s: s.session.drift.min_logloss_rise == 0.05),
+    ("--drift-reference-blocks", "20", lambda s: s.session.drift.reference_blocks == 20),
     ("--max-orphan-clicks", "10", lambda s: s.session.join.max_orphan_clicks == 10),
     ("--idle-partition-seconds", "3", lambda s: s.session.order.idle_partition_seconds == 3),
     ("--token-cache-bytes", "0", lambda s: s.session.cache.token_cache_bytes == 0),
@@ -45,11 +45,11 @@ def test_a_flag_reaches_the_nested_setting(flag: str, value: str | None, where) 
 def test_the_environment_sets_a_setting_by_its_flat_or_its_nested_name(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METAREC_META_MIN_TASK", "9")
-    monkeypatch.setenv("METAREC_SESSION__DRIFT__PSI_THRESHOLD", "0.4")
+    monkeypatch.setenv("METAREC_SESSION__DRIFT__MIN_PSI", "0.4")
     monkeypatch.setenv("METAREC_INNER_STEPS", "2")
     s = settings_of(build_parser().parse_args(["replay", "synthetic", "--inner-steps", "3"]))
     assert s.session.learner.meta.min_task == 9
-    assert s.session.drift.psi_threshold == 0.4
+    assert s.session.drift.min_psi == 0.4
     assert s.session.learner.model.inner_steps == 3  # the flag wins over the environment
 
 
