@@ -30,13 +30,16 @@ never a segment, so label sets stay small.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, Field
 
 #: signals compared by their means, and by their distributions
@@ -80,6 +83,12 @@ class DriftConfig(BaseModel):
     close_fraction: float = Field(
         0.5, gt=0, lt=1, description="an episode closes when its effect falls below this "
         "fraction of the minimum that opened it (hysteresis)")
+    feature_top_values: int = Field(
+        8, ge=1, le=60, description="values of each feature whose shares the feature's PSI "
+        "compares (the reference's most common), the rest pooled as 'other'")
+    max_features: int = Field(
+        24, ge=0, le=64, description="context, user and item features monitored at most "
+        "(the first seen); each is a PSI signal 'psi:<where>.<name>'")
     segment_field: str = Field(
         "platform", description="context field whose values are the segments monitored "
         "on their own besides 'all'")
@@ -141,6 +150,7 @@ def _shares(x: np.ndarray, edges: np.ndarray, weights: np.ndarray | None) -> np.
     return counts / max(float(counts.sum()), 1e-12) + PSI_EPSILON
 
 
+@functools.lru_cache(maxsize=256)
 def chi2_quantile(p_upper: float, dof: int) -> float:
     """The chi-square value exceeded with probability ``p_upper`` (Wilson–Hilferty)."""
     z = NormalDist().inv_cdf(1 - p_upper)
@@ -167,25 +177,82 @@ class _Window:
     score_edges: np.ndarray
     score_shares: np.ndarray
     novelty_shares: np.ndarray
+    feature_shares: np.ndarray  # features x FEATURE_CODES: each code's share of users
 
     @classmethod
-    def of(cls, values: np.ndarray, score_edges: np.ndarray | None, bins: int) -> _Window:
-        """``values``: rows of (label, score, loss, novelty, user code); the score's
-        bins at ``score_edges``, or else cut at this window's quantiles."""
-        _, inverse, counts = np.unique(values[:, 4], return_inverse=True, return_counts=True)
-        users = len(counts)
-        # per user: the mean label, score, loss and novelty
-        per_user = np.stack([np.bincount(inverse, values[:, col], minlength=users)
-                             for col in range(4)], axis=1) / counts[:, None]
-        errors = (per_user[:, :3].std(axis=0, ddof=1) / math.sqrt(users) if users > 1
-                  else np.full(3, math.nan))
-        weights = 1.0 / counts[inverse]
+    def of(cls, values: np.ndarray, score_edges: np.ndarray | None, bins: int,
+           features: int) -> _Window:
+        """``values``: rows of (label, score, loss, novelty, user code, then a code per
+        feature, of which the first ``features`` are in use); the score's bins at
+        ``score_edges``, or else cut at this window's quantiles."""
         if score_edges is None:
             score_edges = _quantile_edges(values[:, 1], bins)
-        means = per_user.mean(axis=0)
+        users, means, errors, score, novelty, feature_shares = _summarise(
+            values, score_edges[1:-1], NOVELTY_EDGES[1:-1], features, FEATURE_CODES)
         return cls(users, means[:3], errors, float(means[1]), float(means[3]), score_edges,
-                   _shares(values[:, 1], score_edges, weights),
-                   _shares(values[:, 3], NOVELTY_EDGES, weights))
+                   score + PSI_EPSILON, novelty + PSI_EPSILON, feature_shares)
+
+
+@njit(cache=True)
+def _summarise(values: np.ndarray, score_inner: np.ndarray, novelty_inner: np.ndarray,
+               features: int, codes: int
+               ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over a window (see :meth:`_Window.of`): the users; the mean over
+    users of each user's mean label, score, loss and novelty, and the standard error
+    of the first three; the user-weighted shares of the score's bins (cut at
+    ``score_inner``), the novelty's, and each feature's codes."""
+    n = values.shape[0]
+    order = np.argsort(values[:, 4], kind="mergesort")
+    group = np.empty(n, np.int64)
+    sums = np.zeros((n, 4))
+    counts = np.zeros(n)
+    users = 0
+    for k in range(n):
+        i = order[k]
+        if k == 0 or values[i, 4] != values[order[k - 1], 4]:
+            users += 1
+        g = users - 1
+        group[i] = g
+        counts[g] += 1.0
+        for c in range(4):
+            sums[g, c] += values[i, c]
+    means = np.zeros(4)
+    for g in range(users):
+        for c in range(4):
+            means[c] += sums[g, c] / counts[g]
+    means /= max(users, 1)
+    errors = np.full(3, np.nan)
+    if users > 1:
+        var = np.zeros(3)
+        for g in range(users):
+            for c in range(3):
+                d = sums[g, c] / counts[g] - means[c]
+                var[c] += d * d
+        errors = np.sqrt(var / (users - 1)) / math.sqrt(users)
+    score = np.zeros(len(score_inner) + 1)
+    novelty = np.zeros(len(novelty_inner) + 1)
+    shares = np.zeros((features, codes))
+    for i in range(n):
+        w = 1.0 / counts[group[i]]
+        score[np.searchsorted(score_inner, values[i, 1], side="right")] += w
+        novelty[np.searchsorted(novelty_inner, values[i, 3], side="right")] += w
+        for f in range(features):
+            shares[f, int(values[i, FEATURES_AT + f])] += w
+    total = max(float(users), 1e-12)  # every user weighs 1
+    return users, means, errors, score / total, novelty / total, shares / total
+
+
+def summarise_kernel() -> Any:
+    """The compiled kernel :func:`warm_up` readies (its signatures show it did)."""
+    return _summarise
+
+
+def warm_up() -> None:
+    """Compile (or load) the monitor's kernel with the types of real traffic: a
+    segment's first check otherwise stops mid-stream to do it."""
+    values = np.zeros((3, FEATURES_AT + 1))
+    values[:, 4] = [0.0, 1.0, 1.0]
+    _Window.of(values, None, 2, 1)
 
 
 @dataclass
@@ -212,6 +279,8 @@ class _Segment:
     # after an episode whose signal returned: the reference from before it, and the
     # block until which the rolling reference still holds the episode's labels
     kept: dict[str, tuple[_Window, int]] = field(default_factory=dict)
+    # the monitored features' names, in column order (shared with the monitor)
+    features: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.config.reference_blocks + self.config.current_blocks)
@@ -237,7 +306,7 @@ class _Segment:
                ) -> list[DriftEvent]:
         c = self.config
         self.blocks += 1
-        self.recent.append(block[:, :5])
+        self.recent.append(np.delete(block, TIME_AT, axis=1))
         if len(self.recent) < self.recent.maxlen:  # type: ignore[operator]
             return []
         blocks = list(self.recent)
@@ -245,13 +314,13 @@ class _Segment:
         # nearly the same, at a fraction of the cost
         if self.reference is None or self.blocks % REFRESH_BLOCKS == 0:
             self.reference = _Window.of(np.concatenate(blocks[:c.reference_blocks]), None,
-                                        c.psi_bins)
+                                        c.psi_bins, len(self.features))
         current_values = np.concatenate(blocks[c.reference_blocks:])
         # labels of the segment at the block's end: blocks are cut at whole counts
         timestamp, examples = float(block[-1, 5]), self.blocks * c.block_labels
         out: list[DriftEvent] = []
         currents: dict[int, _Window] = {}  # by the reference's identity: its score bins
-        for signal in SIGNALS:
+        for signal in [*SIGNALS, *(f"psi:{name}" for name in self.features)]:
             episode = self.episodes.get(signal)
             kept = self.kept.get(signal)
             if kept is not None and self.blocks >= kept[1]:
@@ -262,7 +331,7 @@ class _Segment:
             current = currents.get(id(reference))
             if current is None:
                 current = currents[id(reference)] = _Window.of(
-                    current_values, reference.score_edges, c.psi_bins)
+                    current_values, reference.score_edges, c.psi_bins, len(self.features))
             event = self._check(signal, reference, current, episode, timestamp, examples,
                                 latest_psi)
             if event is not None:
@@ -287,6 +356,19 @@ class _Segment:
             else:
                 effect = abs(change) / max(abs(before), 1e-12)
                 minimum, unlikely = c.min_relative_change, abs(statistic) >= c.z_threshold
+        elif signal.startswith("psi:"):
+            detector = "psi"
+            col = self.features.index(signal[4:])
+            if col >= len(reference.feature_shares):
+                return None  # first seen since the reference was summarised
+            ref, cur = _top_and_other(reference.feature_shares[col],
+                                      current.feature_shares[col], c.feature_top_values)
+            before, after = _top_share(reference.feature_shares[col], current.feature_shares[col])
+            statistic = effect = float(np.sum((cur - ref) * np.log(cur / ref)))
+            latest_psi[(signal, self.name)] = effect
+            minimum = c.min_psi
+            unlikely = effect / (1 / current.users + 1 / reference.users) >= chi2_quantile(
+                c.psi_significance, max(len(ref) - 1, 1))
         else:
             detector = "psi"
             if signal == "score_psi":
@@ -326,9 +408,106 @@ class _Segment:
 REFRESH_BLOCKS = 4
 
 
+def _top_and_other(reference: np.ndarray, current: np.ndarray, top: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of the reference's ``top`` most common codes, and of the rest pooled."""
+    keep = np.argsort(reference)[::-1][:top]
+    keep = keep[reference[keep] > 0]
+    ref, cur = reference[keep], current[keep]
+    return (np.append(ref, max(1 - ref.sum(), 0.0)) + PSI_EPSILON,
+            np.append(cur, max(1 - cur.sum(), 0.0)) + PSI_EPSILON)
+
+
+def _top_share(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """The share, before and after, of the value whose share moved most."""
+    j = int(np.argmax(np.abs(current - reference)))
+    return float(reference[j]), float(current[j])
+
+
+#: columns of a label: label, score, loss, novelty, user code, event time, then a
+#: code per monitored feature (windows keep all but the time)
+TIME_AT, FEATURES_AT = 5, 5
+#: codes of a feature's values: 0 absent, then the first values seen; the last
+#: code pools every value after those
+FEATURE_CODES = 64
+#: distinct feature mappings remembered at most (then forgotten, and seen afresh)
+MAX_MAPPINGS = 100_000
+
+
+class _FeatureCodes:
+    """Codes of the monitored features' values, a row per distinct mapping: items'
+    and users' mappings repeat with their ids, contexts with their values."""
+
+    def __init__(self, max_features: int):
+        self.max_features = max_features
+        self.names: list[str] = []
+        self._column: dict[str, int] = {}
+        self._values: list[dict[str, int]] = []
+        self._table = np.zeros((1024, max_features), dtype=np.int64)
+        self._used = 1  # row 0: no features
+        self._by_key: dict[tuple[str, object], tuple[Mapping[str, object], int]] = {}
+
+    def rows(self, group: str, keys: Sequence[object],
+             mappings: Sequence[Mapping[str, object]]) -> list[int]:
+        """The row of each mapping (of ``group``: context, user or item), keyed by
+        ``keys`` (an id whose mapping usually stays the same)."""
+        out = []
+        by_key = self._by_key
+        for key, mapping in zip(keys, mappings, strict=True):
+            if not mapping:
+                out.append(0)  # the all-zero row
+                continue
+            hit = by_key.get((group, key))
+            if hit is None or hit[0] != mapping:
+                hit = by_key[(group, key)] = (mapping, self._row(group, mapping))
+            out.append(hit[1])
+        return out
+
+    def forget_if_full(self) -> None:
+        """Past ``MAX_MAPPINGS``, forget every row and key (the codes stay)."""
+        if len(self._by_key) > MAX_MAPPINGS:
+            self._by_key.clear()
+            self._used = 1
+
+    def table(self) -> np.ndarray:
+        """Every row so far (read it before the next call of :meth:`rows`)."""
+        return self._table[:self._used]
+
+    def _row(self, group: str, mapping: Mapping[str, object]) -> int:
+        if self._used == len(self._table):
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+        row = self._table[self._used]
+        row[:] = 0
+        for name, value in mapping.items():
+            col = self._column.get(f"{group}.{name}")
+            if col is None:
+                if len(self.names) >= self.max_features:
+                    continue
+                col = self._column[f"{group}.{name}"] = len(self.names)
+                self.names.append(f"{group}.{name}")
+                self._values.append({})
+            text = "|".join(map(str, value)) if isinstance(value, list) else str(value)
+            codes = self._values[col]
+            code = codes.get(text)
+            if code is None:
+                code = codes[text] = min(len(codes) + 1, FEATURE_CODES - 1)
+            row[col] = code
+        self._used += 1
+        return self._used - 1
+
+
 def _quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
     inner = np.unique(np.quantile(reference, np.linspace(1 / bins, 1 - 1 / bins, bins - 1)))
     return np.concatenate([[-np.inf], inner, [np.inf]])
+
+
+@dataclass(frozen=True)
+class Features:
+    """Labels' feature mappings, one of each per label."""
+
+    contexts: Sequence[Mapping[str, object]]
+    users: Sequence[Mapping[str, object]]
+    items: Sequence[Mapping[str, object]]
 
 
 class DriftMonitor:
@@ -341,23 +520,36 @@ class DriftMonitor:
         self.user_codes: dict[str, int] = {}
         self.events: list[DriftEvent] = []
         self.latest_psi: dict[tuple[str, str], float] = {}
+        self.codes = _FeatureCodes(self.config.max_features)
 
     def update_batch(self, p: np.ndarray, label: np.ndarray, timestamp: np.ndarray,
                      item_ids: list[str], segments: list[str | None],
-                     user_ids: list[str]) -> list[DriftEvent]:
+                     user_ids: list[str], features: Features | None = None
+                     ) -> list[DriftEvent]:
         """Labelled predictions in stream order; returns the episodes they opened or
-        closed, in event-time order; the same however the stream is chunked."""
-        seen, codes = self.item_seen, self.user_codes
+        closed, in event-time order; the same however the stream is chunked.
+        ``features``: each label's context, user and item feature mappings."""
+        seen, user_codes = self.item_seen, self.user_codes
         novelty = np.empty(len(item_ids))
         for j, item in enumerate(item_ids):
             count = seen[item]
             novelty[j] = min(count, NOVELTY_CAP)
             seen[item] = count + 1
-        users = np.fromiter((codes.setdefault(u, len(codes)) for u in user_ids),
+        users = np.fromiter((user_codes.setdefault(u, len(user_codes)) for u in user_ids),
                             dtype=np.float64, count=len(user_ids))
         q = np.clip(p, 1e-7, 1 - 1e-7)
         loss = -(label * np.log(q) + (1 - label) * np.log(1 - q))
-        columns = np.column_stack([label, p, loss, novelty, users, timestamp])
+        codes = np.zeros((len(p), self.config.max_features), dtype=np.int64)
+        if features is not None and self.config.max_features:
+            table = self.codes
+            table.forget_if_full()
+            rows = [table.rows("context", [tuple(map(str, c.items())) for c in
+                                           features.contexts], features.contexts),
+                    table.rows("user", user_ids, features.users),
+                    table.rows("item", item_ids, features.items)]
+            # a mapping's row holds its own features' columns, zero elsewhere
+            codes = table.table()[np.asarray(rows)].sum(axis=0)
+        columns = np.column_stack([label, p, loss, novelty, users, timestamp, codes])
         groups: dict[str, list[int]] = {}
         new = 0  # segments first seen in this batch
         for j, segment in enumerate(segments):
@@ -384,5 +576,5 @@ class DriftMonitor:
     def _segment(self, name: str) -> _Segment:
         seg = self.segments.get(name)
         if seg is None:
-            seg = self.segments[name] = _Segment(self.config, name)
+            seg = self.segments[name] = _Segment(self.config, name, features=self.codes.names)
         return seg

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor
+from metarec.drift import Features as DriftFeatures
 from metarec.encoding import Encoder
 from metarec.evaluation import Prequential
 from metarec.events import Click, Impression, Rejected, decode_event
@@ -175,7 +176,8 @@ class StreamSession:
         self._evaluation = Prequential(keep_all=keep_all)
         self._drift = DriftMonitor(config.drift)
         self._dead_letters: Counter[str] = Counter()
-        self._drift_pending: list[tuple[Predictions, list[str | None]]] = []
+        # labelled predictions for the drift monitor: with their segments and impressions
+        self._drift_pending: list[tuple[Predictions, list[str | None], list[Impression]]] = []
         self._drift_count = 0
         self._drift_at = time.monotonic()
         self._changes: UserChanges | None = UserChanges() if durable else None
@@ -358,13 +360,16 @@ class StreamSession:
         self._drift_count, self._drift_at = 0, time.monotonic()
         if not pending:
             return []
+        imps = [imp for _, _, impressions in pending for imp in impressions]
         return self._drift.update_batch(
-            np.concatenate([preds.p for preds, _ in pending]),
-            np.concatenate([preds.label for preds, _ in pending]),
-            np.concatenate([preds.timestamp for preds, _ in pending]),
-            [item for preds, _ in pending for item in preds.item_id],
-            [seg for _, segments in pending for seg in segments],
-            [user for preds, _ in pending for user in preds.user_id])
+            np.concatenate([preds.p for preds, _, _ in pending]),
+            np.concatenate([preds.label for preds, _, _ in pending]),
+            np.concatenate([preds.timestamp for preds, _, _ in pending]),
+            [item for preds, _, _ in pending for item in preds.item_id],
+            [seg for _, segments, _ in pending for seg in segments],
+            [user for preds, _, _ in pending for user in preds.user_id],
+            DriftFeatures([imp.context for imp in imps], [imp.user_features for imp in imps],
+                          [imp.item_features for imp in imps]))
 
     def snapshot(self) -> ModelSnapshot:
         learner = self.learner
@@ -489,9 +494,10 @@ class StreamSession:
             preds = result.predictions = Predictions.of(learned)
             self._evaluation.update(preds.p, preds.label, preds.k)
             field_name = self._drift.config.segment_field
-            segments = [lab.impression.context.get(field_name) for lab in learned]
+            impressions = [lab.impression for lab in learned]
+            segments = [imp.context.get(field_name) for imp in impressions]
             self._drift_pending.append(
-                (preds, [None if seg is None else str(seg) for seg in segments]))
+                (preds, [None if seg is None else str(seg) for seg in segments], impressions))
             self._drift_count += len(preds)
         if self._drift_count >= DRIFT_EVERY_LABELS or (
                 self._drift_count and time.monotonic() - self._drift_at >= DRIFT_EVERY_SECONDS):

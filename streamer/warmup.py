@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 
+from metarec import drift
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.records import Record
 from metarec.session import SessionConfig, StreamSession
@@ -26,5 +27,6 @@ def warm_up(config: SessionConfig) -> None:
     for start in range(0, len(records), 50):
         session.process(records[start:start + 50])
     session.finish()
+    drift.warm_up()  # its first check comes thousands of labels in
     gc.collect()
     gc.freeze()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from metarec.datasets import movielens
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.drift import DriftConfig, DriftEvent, DriftMonitor, chi2_quantile, psi
 from metarec.records import Record
-from metarec.session import StreamSession
+from metarec.session import SessionStatus, StreamSession
 from streamer.config import Settings
 from tests.reference import drift_update
 
@@ -24,10 +24,16 @@ from tests.reference import drift_update
 BUDGET_LABELS = 100_000
 
 
-def labelled(events: Iterable[dict[str, Any]], segment_field: str, chunk: int = 1000
-             ) -> tuple[list[DriftEvent], list[float], int]:
+class Run(NamedTuple):
+    events: list[DriftEvent]  # episodes opened and closed
+    times: list[float]  # the labels' event times
+    labels: int
+    status: SessionStatus
+
+
+def labelled(events: Iterable[dict[str, Any]], segment_field: str, chunk: int = 1000) -> Run:
     """Run the default session over ``events`` with its drift monitor on
-    ``segment_field``: the episodes' events, the labels' event times, their count."""
+    ``segment_field``."""
     settings = Settings.of(metrics_port=0, drift_segment_field=segment_field)
     session = StreamSession(settings.session)
     recs = [Record(json.dumps(e).encode(), partition=0, offset=i)
@@ -36,7 +42,7 @@ def labelled(events: Iterable[dict[str, Any]], segment_field: str, chunk: int = 
     for i in range(0, len(recs), chunk):
         times += session.process(recs[i:i + chunk]).predictions.timestamp.tolist()
     times += session.finish().predictions.timestamp.tolist()
-    return session.drift_events(), times, len(times)
+    return Run(session.drift_events(), times, len(times), session.status())
 
 
 def retimed(events: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
@@ -65,7 +71,7 @@ def test_a_stationary_bursty_stream_stays_within_the_false_alarm_budget(users: i
     """Users arrive over the month and act in bursts (sessions of events a minute
     apart); the click model never changes."""
     stream = SyntheticStream(users=users, items=300, events_per_user=40, seed=seed)
-    events, _, n = labelled(stream.events(), "platform")
+    events, _, n, _ = labelled(stream.events(), "platform")
     assert n > 40_000
     assert len(opened(events)) <= n // BUDGET_LABELS, opened(events)
 
@@ -73,14 +79,18 @@ def test_a_stationary_bursty_stream_stays_within_the_false_alarm_budget(users: i
 def test_movielens_with_its_users_retimed_stays_within_the_false_alarm_budget() -> None:
     """Real users' real bursts (some rate hundreds of films in minutes), each user's
     own order kept, the users' starts drawn at random: nothing real changes."""
-    events, _, n = labelled(retimed(list(movielens.events()), seed=0), "platform")
+    events, _, n, _ = labelled(retimed(list(movielens.events()), seed=0), "platform")
     assert n == 100_000
     assert len(opened(events)) <= n // BUDGET_LABELS, opened(events)
 
 
-def test_a_movielens_replay_opens_few_episodes() -> None:
-    events, _, _ = labelled(movielens.events(), "platform")
+def test_a_movielens_replay_opens_few_episodes_and_watches_every_feature() -> None:
+    events, _, _, status = labelled(movielens.events(), "platform")
+    psi_of = {signal for signal, _ in status.psi}
+    assert {"psi:user.age", "psi:user.gender", "psi:user.occupation", "psi:item.genre",
+            "psi:item.year", "score_psi", "item_novelty_psi"} <= psi_of
     assert len(opened(events)) <= 10
+
 
 
 @pytest.mark.parametrize(
@@ -89,13 +99,15 @@ def test_a_movielens_replay_opens_few_episodes() -> None:
         ("click_rate", "click_rate", 500),  # seen: 321 labels
         ("cluster_flip", "logloss", 500),  # seen: 321 labels
         ("new_items", "item_novelty_psi", 1000),  # seen: 121 labels
+        # one context value's share doubles, clicks unchanged
+        ("platform_shift", "psi:context.platform", 1000),  # seen: 621 labels
     ],
 )
 def test_injected_drift_opens_an_episode_soon_after_it_starts(drift: str, signal: str,
                                                               within: int) -> None:
     stream = SyntheticStream(users=1200, events_per_user=30, seed=21, drift=drift,
                              drift_at=0.5)
-    events, times, n = labelled(stream.events(), "region")
+    events, times, n, _ = labelled(stream.events(), "region")
     start_time = times[n // 2]
     assert [e for e in opened(events) if e.timestamp < start_time] == []
     first = next(e for e in opened(events) if e.signal == signal)
@@ -105,6 +117,9 @@ def test_injected_drift_opens_an_episode_soon_after_it_starts(drift: str, signal
         assert first.after - first.before >= 0.02
     if signal == "click_rate":
         assert first.relative >= 0.2
+    if drift == "platform_shift":  # the share of the value that moved: a third, then two
+        assert first.before == pytest.approx(1 / 3, abs=0.05)
+        assert first.after == pytest.approx(2 / 3, abs=0.07)
     # one episode per signal and segment while the change lasts: opened once, then
     # closed (the new level settled) before any other of the same
     same = [e for e in events if (e.signal, e.segment) == (first.signal, first.segment)]

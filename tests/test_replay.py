@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metarec import kernels
+from metarec import drift, kernels
 from metarec.datasets.synthetic import SyntheticStream
 from streamer import kafka_io
 from streamer.cli import main
@@ -181,7 +181,8 @@ def test_after_the_warm_up_no_kernel_is_compiled_mid_stream() -> None:
     settings = Settings.of(item_buckets=4096, feature_buckets=1024, dim=8, metrics_port=0,
                         replay_from=1.0e9, replay_to=1.1e9)  # a range must not matter
     warm_up(settings.session)
-    compiled = [kernels.serve, kernels.represent, kernels.online_step, kernels.adapt_tasks]
+    compiled = [kernels.serve, kernels.represent, kernels.online_step, kernels.adapt_tasks,
+                drift.summarise_kernel()]
     before = [len(k.signatures) for k in compiled]
     assert all(before)
     replay_fn(settings.with_flat(replay_from=None, replay_to=None),

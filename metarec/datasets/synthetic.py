@@ -47,7 +47,9 @@ class SyntheticStream:
     seed: int = 0
     # an injected change from this fraction of the stream's events on:
     # "click_rate" (every logit +1.5), "cluster_flip" (cluster 0's taste reversed),
-    # "new_items" (most impressions show items never seen before)
+    # "new_items" (most impressions show items never seen before), "platform_shift"
+    # (the share of impressions on "ios" doubles, from a third to two thirds; the
+    # clicks do not change)
     drift: str | None = None
     drift_at: float = 0.5
 
@@ -82,8 +84,12 @@ class SyntheticStream:
             rows.extend(zip(times.tolist(), [u] * n, shown.tolist(), clicked.tolist(),
                             strict=True))
         rows.sort(key=lambda r: r[0])
-        if self.drift is not None:
+        shift_from = len(rows) + 1
+        if self.drift == "platform_shift":
+            shift_from = int(len(rows) * self.drift_at)
+        elif self.drift is not None:
             rows = self._drifted(rows, rng, clusters, taste, item_vec, popularity)
+        platform_rng = np.random.default_rng(self.seed + 2)
         delays = self._click_delays(sum(1 for r in rows if r[3]))
         out: list[dict[str, Any]] = []
         for n, (ts, u, item, click) in enumerate(rows):
@@ -94,7 +100,9 @@ class SyntheticStream:
                 "item_id": f"i{item}",
                 "timestamp": round(ts, 3),
                 # region follows the user's cluster, as a country often does
-                "context": {"platform": ["web", "ios", "android"][n % 3],
+                "context": {"platform": ["web", "ios", "android"][
+                                n % 3 if n < shift_from or platform_rng.random() >= 0.5
+                                else 1],
                             "region": f"r{clusters[u]}"},
                 "item_features": {"category": f"c{category[item % self.items]}"},
             }
