@@ -36,7 +36,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from numba import njit
@@ -187,16 +187,16 @@ class _Window:
         ``score_edges``, or else cut at this window's quantiles."""
         if score_edges is None:
             score_edges = _quantile_edges(values[:, 1], bins)
-        users, means, errors, score, novelty, feature_shares = _summarise(
+        users, means, errors, score, novelty, feature_shares = summarise_window(
             values, score_edges[1:-1], NOVELTY_EDGES[1:-1], features, FEATURE_CODES)
         return cls(users, means[:3], errors, float(means[1]), float(means[3]), score_edges,
                    score + PSI_EPSILON, novelty + PSI_EPSILON, feature_shares)
 
 
 @njit(cache=True)
-def _summarise(values: np.ndarray, score_inner: np.ndarray, novelty_inner: np.ndarray,
-               features: int, codes: int
-               ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def summarise_window(values: np.ndarray, score_inner: np.ndarray, novelty_inner: np.ndarray,
+                     features: int, codes: int
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over a window (see :meth:`_Window.of`): the users; the mean over
     users of each user's mean label, score, loss and novelty, and the standard error
     of the first three; the user-weighted shares of the score's bins (cut at
@@ -240,11 +240,6 @@ def _summarise(values: np.ndarray, score_inner: np.ndarray, novelty_inner: np.nd
             shares[f, int(values[i, FEATURES_AT + f])] += w
     total = max(float(users), 1e-12)  # every user weighs 1
     return users, means, errors, score / total, novelty / total, shares / total
-
-
-def summarise_kernel() -> Any:
-    """The compiled kernel :func:`warm_up` readies (its signatures show it did)."""
-    return _summarise
 
 
 def warm_up() -> None:

@@ -176,8 +176,8 @@ class StreamSession:
         self._evaluation = Prequential(keep_all=keep_all)
         self._drift = DriftMonitor(config.drift)
         self._dead_letters: Counter[str] = Counter()
-        # labelled predictions for the drift monitor: with their segments and impressions
-        self._drift_pending: list[tuple[Predictions, list[str | None], list[Impression]]] = []
+        # labelled predictions for the drift monitor, with their impressions
+        self._drift_pending: list[tuple[Predictions, list[Impression]]] = []
         self._drift_count = 0
         self._drift_at = time.monotonic()
         self._changes: UserChanges | None = UserChanges() if durable else None
@@ -360,14 +360,16 @@ class StreamSession:
         self._drift_count, self._drift_at = 0, time.monotonic()
         if not pending:
             return []
-        imps = [imp for _, _, impressions in pending for imp in impressions]
+        imps = [imp for _, impressions in pending for imp in impressions]
+        field_name = self._drift.config.segment_field
+        segments = [imp.context.get(field_name) for imp in imps]
         return self._drift.update_batch(
-            np.concatenate([preds.p for preds, _, _ in pending]),
-            np.concatenate([preds.label for preds, _, _ in pending]),
-            np.concatenate([preds.timestamp for preds, _, _ in pending]),
-            [item for preds, _, _ in pending for item in preds.item_id],
-            [seg for _, segments, _ in pending for seg in segments],
-            [user for preds, _, _ in pending for user in preds.user_id],
+            np.concatenate([preds.p for preds, _ in pending]),
+            np.concatenate([preds.label for preds, _ in pending]),
+            np.concatenate([preds.timestamp for preds, _ in pending]),
+            [item for preds, _ in pending for item in preds.item_id],
+            [None if seg is None else str(seg) for seg in segments],
+            [user for preds, _ in pending for user in preds.user_id],
             DriftFeatures([imp.context for imp in imps], [imp.user_features for imp in imps],
                           [imp.item_features for imp in imps]))
 
@@ -493,11 +495,7 @@ class StreamSession:
         if learned:
             preds = result.predictions = Predictions.of(learned)
             self._evaluation.update(preds.p, preds.label, preds.k)
-            field_name = self._drift.config.segment_field
-            impressions = [lab.impression for lab in learned]
-            segments = [imp.context.get(field_name) for imp in impressions]
-            self._drift_pending.append(
-                (preds, [None if seg is None else str(seg) for seg in segments], impressions))
+            self._drift_pending.append((preds, [lab.impression for lab in learned]))
             self._drift_count += len(preds)
         if self._drift_count >= DRIFT_EVERY_LABELS or (
                 self._drift_count and time.monotonic() - self._drift_at >= DRIFT_EVERY_SECONDS):

@@ -92,7 +92,6 @@ def test_a_movielens_replay_opens_few_episodes_and_watches_every_feature() -> No
     assert len(opened(events)) <= 10
 
 
-
 @pytest.mark.parametrize(
     ("drift", "signal", "within"),
     [

@@ -182,7 +182,7 @@ def test_after_the_warm_up_no_kernel_is_compiled_mid_stream() -> None:
                         replay_from=1.0e9, replay_to=1.1e9)  # a range must not matter
     warm_up(settings.session)
     compiled = [kernels.serve, kernels.represent, kernels.online_step, kernels.adapt_tasks,
-                drift.summarise_kernel()]
+                drift.summarise_window]
     before = [len(k.signatures) for k in compiled]
     assert all(before)
     replay_fn(settings.with_flat(replay_from=None, replay_to=None),
