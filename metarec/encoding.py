@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -95,6 +96,36 @@ class Encoder:
             context=_matrix(context, spec.context_slots)[at],
             label=np.asarray(labels, dtype=np.float32),
         )
+
+
+    def candidates(self, user_id: str, user_features: Mapping[str, FeatureValue],
+                   context: dict[str, FeatureValue],
+                   items: Sequence[tuple[str, Mapping[str, FeatureValue]]]) -> Candidates:
+        """One user's candidate items in one context, as :meth:`encode` would encode
+        an impression of each (the user's and the context's slots once)."""
+        spec = self.spec
+        item_slots = self.items.get
+        buckets: list[int] = []
+        feats: list[tuple[int, ...]] = []
+        for item_id, features in items:
+            bucket, slots = item_slots(item_id, features)
+            buckets.append(bucket)
+            feats.append(slots)
+        user = (self.users.get(user_id, user_features)[1] if user_features
+                else (0,) * spec.user_slots)
+        ctx = self._context(context) if context else (0,) * spec.context_slots
+        return Candidates(np.array(buckets, dtype=np.int64), _matrix(feats, spec.item_slots),
+                          np.array(user, dtype=np.int64), np.array(ctx, dtype=np.int64))
+
+
+class Candidates(NamedTuple):
+    """A user's candidates encoded: ``n`` item buckets and feature slots; the user's
+    and the context's slots, shared by all."""
+
+    item: np.ndarray  # n
+    item_feats: np.ndarray  # n x item_slots
+    user_feats: np.ndarray  # user_slots (all zero: none given)
+    context: np.ndarray  # context_slots
 
 
 def _matrix(rows: list[tuple[int, ...]], width: int) -> np.ndarray:

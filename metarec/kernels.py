@@ -348,6 +348,14 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
             adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
 
 
+@njit(cache=True, fastmath=FAST)
+def predict(phi: np.ndarray, q: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    """Click probabilities of ``n`` examples under one user's ``phi``, computed as
+    :func:`serve` computes a prediction (a server's scores equal the consumer's)."""
+    for i in range(q.shape[0]):
+        out[i] = _sigmoid(_logit(phi, q[i], base[i]))
+
+
 # -- representation ----------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from metarec.errors import MetarecError
 from metarec.learner import OnlineLearner
@@ -79,10 +80,7 @@ class ThetaState:
         out: dict[str, np.ndarray] = {}
         for prefix, tensors in (("theta", learner.theta), ("online_acc", learner.online.opt.acc),
                                 ("meta_acc", learner.meta.opt.acc)):
-            for name, t in tensors.items():
-                a = t.detach().numpy()
-                out[f"{prefix}/{name}"] = a.reshape(a.shape[0], -1) if a.ndim > 1 else \
-                    a.reshape(-1, 1)
+            out.update(row_views(prefix, tensors))
         out["items/features"] = learner.items.table
         return out
 
@@ -127,37 +125,58 @@ class ThetaState:
 
     def apply(self, delta: Delta) -> None:
         """Another member's durable delta, into the learner and the base alike."""
-        for name, rows in delta.rows.items():  # all checked before any is applied
-            cur = self.arrays.get(name)
-            values = delta.values[name]
-            if (cur is None or rows.ndim != 1 or rows.dtype.kind not in "iu"
-                    or values.shape != (len(rows), *cur.shape[1:])
-                    or values.dtype != cur.dtype
-                    or (len(rows) and (rows.min() < 0 or rows.max() >= len(cur)))
-                    or (values.dtype.kind == "f" and not np.isfinite(values).all())):
-                raise DeltaError(f"delta of {name} does not fit this layout")
+        check(delta, self.arrays)
         in_flight = self._taken
         for name, rows in delta.rows.items():
             values = delta.values[name]
-            self._add(self.arrays[name], rows, values, name)
-            self._add(self.base[name], rows, values, name)
+            add(self.arrays[name], rows, values, name)
+            add(self.base[name], rows, values, name)
             if in_flight is not None and name in in_flight[1]:
                 # a delta of ours in flight: its rows become the base as they were
                 # when taken, plus what others changed since
                 taken_rows = in_flight[0].rows[name]
                 at = np.minimum(np.searchsorted(taken_rows, rows), len(taken_rows) - 1)
                 hit = taken_rows[at] == rows
-                self._add(in_flight[1][name], at[hit], values[hit], name)
+                add(in_flight[1][name], at[hit], values[hit], name)
         self.learner.examples_learned += delta.examples
         self._examples_at_base += delta.examples
         self.learner.online.resync_items()
 
-    @staticmethod
-    def _add(target: np.ndarray, rows: np.ndarray, values: np.ndarray, name: str) -> None:
-        if name in LATEST_WINS:
-            target[rows] = values
-        else:
-            target[rows] += values
 
 
-__all__ = ["Delta", "DeltaError", "ThetaState"]
+def row_views(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``tensors`` as 2-D numpy views, rows first, named ``<prefix>/<name>``: the
+    arrays a delta names."""
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        a = t.detach().numpy()
+        out[f"{prefix}/{name}"] = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
+    return out
+
+
+def check(delta: Delta, arrays: dict[str, np.ndarray], *,
+          only: frozenset[str] | None = None) -> None:
+    """Raise :class:`DeltaError` unless every array of ``delta`` (of those in
+    ``only``, if given) fits ``arrays``: checked before any is applied."""
+    for name, rows in delta.rows.items():
+        if only is not None and name not in only:
+            continue
+        cur = arrays.get(name)
+        values = delta.values[name]
+        if (cur is None or rows.ndim != 1 or rows.dtype.kind not in "iu"
+                or values.shape != (len(rows), *cur.shape[1:])
+                or values.dtype != cur.dtype
+                or (len(rows) and (rows.min() < 0 or rows.max() >= len(cur)))
+                or (values.dtype.kind == "f" and not np.isfinite(values).all())):
+            raise DeltaError(f"delta of {name} does not fit this layout")
+
+
+def add(target: np.ndarray, rows: np.ndarray, values: np.ndarray, name: str) -> None:
+    """One array's part of a delta, into ``target`` (named ``name``)."""
+    if name in LATEST_WINS:
+        target[rows] = values
+    else:
+        target[rows] += values
+
+
+__all__ = ["Delta", "DeltaError", "ThetaState", "add", "check", "row_views"]

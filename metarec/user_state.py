@@ -78,8 +78,23 @@ class UserCodec:
 
     def decode(self, values: Iterable[tuple[str, bytes]], *, since: int) -> Restored:
         """Load these users' values into the store; offsets below ``since`` (the
-        committed offset) are not read again, so they are left out. A value with
-        no offsets (most of them) is one row of a single array over all of them."""
+        committed offset) are not read again, so they are left out."""
+        users, packed, done, scores, refused = self._split(values, since)
+        self.store.load(users, UserRows(*(packed[n] for n in UserRows._fields)))
+        return Restored(users, done, scores, refused)
+
+    def rows(self, values: Iterable[tuple[str, bytes]]) -> tuple[list[str], np.ndarray, int]:
+        """These users' rows as one structured array (fields: :class:`UserRows`'),
+        nothing loaded; and how many values were refused."""
+        users, packed, _, _, refused = self._split(values, None)
+        return users, packed, refused
+
+    def _split(self, values: Iterable[tuple[str, bytes]], since: int | None
+               ) -> tuple[list[str], np.ndarray, dict[str, list[int]],
+                          dict[str, dict[int, tuple[float, int]]], int]:
+        """Users, their rows, and (``since`` not None) their offsets at or past it.
+        A value with no offsets (most of them) is one row of a single array over
+        all of them."""
         head, size = len(self.header), self.row.itemsize
         plain = head + size + 2 * _COUNT.size
         empty = self.header, _COUNT.pack(0) * 2
@@ -100,6 +115,8 @@ class UserCodec:
                 continue
             users.append(user)
             rows.append(value[:head] + row + empty[1])
+            if since is None:
+                continue
             pending = {int(o): (float(pp), int(kk))
                        for o, pp, kk in zip(offsets, p, k, strict=True) if o >= since}
             if pending:
@@ -109,8 +126,7 @@ class UserCodec:
                 done[user] = learned
         packed = np.frombuffer(b"".join(rows), dtype=np.dtype(
             [("head", np.void, head), ("row", self.row), ("counts", np.void, 8)]))["row"]
-        self.store.load(users, UserRows(*(packed[n] for n in UserRows._fields)))
-        return Restored(users, done, scores, refused)
+        return users, packed, done, scores, refused
 
     def _parse(self, value: bytes) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray,
                                             np.ndarray]:

@@ -63,11 +63,11 @@ class UserStore:
     """Every user's row, by id; the rows double in place when full."""
 
     def __init__(self, phi_dim: int, ring: int, user_slots: int, context_slots: int,
-                 items: ItemFeatures):
+                 items: ItemFeatures, *, capacity: int = 1024):
         self.ring = ring
         self.items = items
         self.rows: dict[str, int] = {}  # user id -> row, in order of arrival
-        cap = 1024
+        cap = capacity
         # numpy, not torch: the serving loop touches a few rows at a time, where
         # numpy's per-call cost is a fraction of torch's; torch.from_numpy shares it.
         self.phi = np.zeros((cap, phi_dim), dtype=np.float32)

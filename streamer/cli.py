@@ -4,6 +4,7 @@
     metarec produce SOURCE      write a dataset or JSONL file of events into a topic
     metarec replay SOURCE       the same pipeline over a historical log, without Kafka
     metarec model pull          the newest complete model version on the model topic
+    metarec serve               HTTP API: score and rank with each user's live model
 
 Every setting is a flag and a ``METAREC_*`` environment variable (see ``--help``).
 """
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = model_sub.add_parser("pull", help="print (and save) the newest complete version")
     pull.add_argument("--out", type=Path, default=None, help="save the snapshot (.npz) here")
     add_settings_flags(pull)
+    serve = sub.add_parser("serve", help="HTTP API: score and rank items with each user's "
+                           "live model (follows the group's topics)")
+    add_settings_flags(serve)
     return parser
 
 
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_produce(settings, args.source, args.topic)
         if args.command == "replay":
             return cmd_replay(settings, args.source, args.summary_json)
+        if args.command == "serve":
+            return cmd_serve(settings)
         return cmd_model_pull(settings, args.out)
     except SourceError as exc:
         print(f"metarec: {exc}", file=sys.stderr)
@@ -173,10 +179,10 @@ def _require_bootstrap(settings: Settings) -> str:
     return settings.kafka.bootstrap_servers
 
 
-def _metrics_port_problem(host: str, port: int) -> str | None:
-    """Why the metrics endpoint cannot listen on host:port (None: it can), found by
-    binding as its server will: the address family getaddrinfo gives, SO_REUSEADDR
-    (a port a stopped run left in TIME_WAIT is free)."""
+def _port_problem(host: str, port: int, what: str) -> str | None:
+    """Why ``what`` cannot listen on host:port (None: it can), found by binding as
+    its server will: the address family getaddrinfo gives, SO_REUSEADDR (a port a
+    stopped run left in TIME_WAIT is free)."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
@@ -184,11 +190,14 @@ def _metrics_port_problem(host: str, port: int) -> str | None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
     except OSError as exc:
-        return _metrics_port_message(host, port, exc)
+        return _port_message(host, port, exc, what)
     return None
 
 
-def _metrics_port_message(host: str, port: int, exc: OSError) -> str:
+def _port_message(host: str, port: int, exc: OSError, what: str) -> str:
+    if what == "serve":
+        return (f"metarec: cannot serve the API on {host}:{port} ({exc.strerror or exc}): "
+                "pick another --serve-host or --serve-port")
     if exc.errno == errno.EADDRINUSE:
         return (f"metarec: the metrics port {host}:{port} is in use (another metarec run on "
                 "this host?): pick another with --metrics-port, or 0 to turn metrics off")
@@ -201,7 +210,7 @@ def cmd_run(settings: Settings) -> int:
     # group (and take partitions) only to fail once it has them
     ops = settings.ops
     if ops.metrics_port:
-        problem = _metrics_port_problem(ops.metrics_host, ops.metrics_port)
+        problem = _port_problem(ops.metrics_host, ops.metrics_port, "metrics")
         if problem is not None:
             print(problem, file=sys.stderr)
             return 2
@@ -223,7 +232,7 @@ def cmd_run(settings: Settings) -> int:
             try:
                 metrics.serve(ops.metrics_port, ops.metrics_host)
             except OSError as exc:  # taken since the check above
-                print(_metrics_port_message(ops.metrics_host, ops.metrics_port, exc),
+                print(_port_message(ops.metrics_host, ops.metrics_port, exc, "metrics"),
                       file=sys.stderr)
                 return 2
             log.info("metrics on http://%s:%d/metrics", ops.metrics_host, ops.metrics_port)
@@ -322,6 +331,17 @@ def cmd_drift_report(path: Path, png: Path | None) -> int:
         drift_report.plot(records, png)
         print(f"plot written to {png}", file=sys.stderr)
     return 0
+
+
+def cmd_serve(settings: Settings) -> int:
+    from streamer.serve import serve
+
+    bootstrap = _require_bootstrap(settings)
+    problem = _port_problem(settings.serve.host, settings.serve.port, "serve")
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
+    return serve(settings, bootstrap)
 
 
 def cmd_model_pull(settings: Settings, out: Path | None) -> int:

@@ -161,9 +161,24 @@ class OperationSettings(BaseModel):
                                "small; more threads mostly contend with the Kafka client)")
 
 
+class ServeSettings(BaseModel):
+    """``metarec serve``: the HTTP API over the users' live models."""
+
+    host: str = Field("127.0.0.1", description="serve: address the HTTP API binds (0.0.0.0: "
+                      "every interface, as in a container)")
+    port: int = Field(8000, ge=1, le=65535, description="serve: port of the HTTP API (and "
+                      "of its /metrics)")
+    max_candidates: int = Field(1000, ge=1, description="serve: candidates one request may "
+                                "score at most (more: 422)")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="serve: larger request "
+                                   "bodies are refused (413)")
+    poll_ms: int = Field(50, ge=1, description="serve: how long one poll of the topics waits "
+                         "for records (the server's part of a label's delay to its scores)")
+
+
 #: the prefix of each section's flat names
 PREFIXES: dict[type[BaseModel], str] = {MetaConfig: "meta_", DriftConfig: "drift_",
-                                        ReplaySettings: "replay_"}
+                                        ReplaySettings: "replay_", ServeSettings: "serve_"}
 #: flat names that are not prefix + field name (the short names operators know)
 FLAT_NAMES = {
     ("session", "learner", "meta", "algorithm"): "algorithm",
@@ -237,6 +252,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     ops: OperationSettings = Field(default_factory=OperationSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @classmethod
     def settings_customise_sources(

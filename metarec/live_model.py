@@ -1,0 +1,163 @@
+"""A server's model: θ, and per user only what scoring needs (fast weights φ_u,
+labels taught, features; no task ring: a server does not learn).
+
+It is kept current from what the consumer makes durable: θ from a model version
+plus the θ deltas after it (:mod:`metarec.theta_state`), users from their
+state-store values (:mod:`metarec.user_state`). It scores as the consumer's
+learner predicts: the same encoding, representation and kernel, so for the same
+state a served score equals the prediction the consumer logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from metarec import kernels
+from metarec.encoding import Encoder
+from metarec.events import FeatureValue
+from metarec.kernels import ExampleIds
+from metarec.model import Theta
+from metarec.representation import represent
+from metarec.session import SessionConfig, config_hash
+from metarec.theta_state import Delta, add, check, row_views
+from metarec.user_state import UserCodec
+from metarec.users import ItemFeatures, UserStore
+
+#: the arrays of a θ delta that scoring reads (the optimisers' accumulators are not)
+SERVED_ARRAYS = frozenset({"theta/item_emb", "theta/item_bias", "theta/feat_emb",
+                           "theta/feat_bias", "theta/global_bias", "theta/phi0",
+                           "items/features"})
+
+Features = Mapping[str, FeatureValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An item to score; without features, the ones the model last learned it with."""
+
+    item_id: str
+    item_features: Features
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Click probabilities of a request's candidates, in their order."""
+
+    p: np.ndarray
+    known: bool  # the user has state here (else: scored from the initialisation φ_0)
+    k: int  # labels the user had taught
+
+
+class LiveModel:
+    def __init__(self, config: SessionConfig, theta: Theta, *, examples_learned: int = 0):
+        m, c = config.learner.model, config.cache
+        self.theta = theta
+        self.examples_learned = examples_learned
+        self.items = ItemFeatures(m.features.item_buckets, m.features.item_slots)
+        self._arrays = {**row_views("theta", theta), "items/features": self.items.table}
+        # a one-row store only gives the codec the layout of a user's value
+        layout = UserStore(m.phi_dim, config.learner.task_size, m.features.user_slots,
+                           m.features.context_slots, self.items, capacity=1)
+        self._codec = UserCodec(layout, config_hash(config.learner))
+        self._encoder = Encoder(m.features, item_cache_bytes=c.item_cache_bytes,
+                                user_cache_bytes=c.user_cache_bytes,
+                                context_cache_bytes=c.context_cache_bytes,
+                                token_cache_bytes=c.token_cache_bytes)
+        self._rows: dict[str, int] = {}
+        cap = 1024
+        self._phi = np.zeros((cap, m.phi_dim), dtype=np.float32)
+        self._learned = np.zeros(cap, dtype=np.int64)
+        self._features = np.zeros((cap, m.features.user_slots), dtype=np.int32)
+        # the changelog position of each user's value: an older one never replaces it
+        self._stamp = np.full(cap, -1, dtype=np.int64)
+
+    # -- state in ------------------------------------------------------------------------
+
+    def apply_delta(self, delta: Delta) -> None:
+        """A committed θ delta (its optimiser arrays are not needed here)."""
+        check(delta, self._arrays, only=SERVED_ARRAYS)
+        for name, rows in delta.rows.items():
+            if name in SERVED_ARRAYS:
+                add(self._arrays[name], rows, delta.values[name], name)
+        self.examples_learned += delta.examples
+
+    def set_users(self, values: Sequence[tuple[str, bytes, int]]) -> int:
+        """Committed users' values, each with its position in the changelog (a
+        value older than the one held is ignored); how many were refused (of
+        another layout, or damaged)."""
+        newest: dict[str, tuple[bytes, int]] = {}
+        for user, value, stamp in values:
+            if stamp > newest.get(user, (b"", -1))[1]:
+                newest[user] = (value, stamp)
+        users, packed, refused = self._codec.rows((u, v) for u, (v, _) in newest.items())
+        if not users:
+            return refused
+        rows = self._assign(users)
+        stamps = np.array([newest[u][1] for u in users], dtype=np.int64)
+        newer = stamps > self._stamp[rows]
+        rows = rows[newer]
+        self._phi[rows] = packed["phi"][newer]
+        self._learned[rows] = packed["learned"][newer]
+        self._features[rows] = packed["features"][newer]
+        self._stamp[rows] = stamps[newer]
+        return refused
+
+    def _assign(self, users: list[str]) -> np.ndarray:
+        out = np.empty(len(users), dtype=np.int64)
+        for i, user in enumerate(users):
+            out[i] = self._rows.setdefault(user, len(self._rows))
+        need, cap = len(self._rows), len(self._stamp)
+        if need > cap:
+            new = max(need, 2 * cap)
+            self._phi = _grown(self._phi, new, 0)
+            self._learned = _grown(self._learned, new, 0)
+            self._features = _grown(self._features, new, 0)
+            self._stamp = _grown(self._stamp, new, -1)
+        return out
+
+    # -- scores out ----------------------------------------------------------------------
+
+    def score(self, user_id: str, candidates: Sequence[Candidate], *,
+              context: Features | None = None, user_features: Features | None = None) -> Scores:
+        """Each candidate's click probability for this user in this context. A user
+        without state is scored from φ_0; features given here win over the stored
+        ones (as an event's do in the consumer)."""
+        enc = self._encoder.candidates(user_id, user_features or {}, dict(context or {}),
+                                       [(c.item_id, c.item_features) for c in candidates])
+        n = len(enc.item)
+        item_feats = enc.item_feats
+        unknown = ~item_feats.any(axis=1)
+        item_feats[unknown] = self.items.table[enc.item[unknown]]
+        row = self._rows.get(user_id)
+        user = enc.user_feats
+        if row is not None and not user_features:
+            user = self._features[row].astype(np.int64)
+        side = np.broadcast_to(np.concatenate([user, enc.context]), (n, len(user) + len(enc.context)))
+        rep = represent(self.theta, ExampleIds(enc.item, item_feats, side))
+        phi = self._phi[row] if row is not None else self.theta["phi0"].numpy()
+        p = np.empty(n, dtype=np.float64)
+        kernels.predict(phi, rep.q, rep.base, p)
+        return Scores(p, row is not None, int(self._learned[row]) if row is not None else 0)
+
+    # -- figures -------------------------------------------------------------------------
+
+    @property
+    def users(self) -> int:
+        return len(self._rows)
+
+    def bytes_per_user(self) -> int:
+        """Bytes of array state per user row (fast weights, count, features, stamp)."""
+        return sum(a.nbytes // a.shape[0] for a in
+                   (self._phi, self._learned, self._features, self._stamp))
+
+
+def _grown(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    out = np.full((rows, *a.shape[1:]), fill, dtype=a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+__all__ = ["SERVED_ARRAYS", "Candidate", "LiveModel", "Scores"]

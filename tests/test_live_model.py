@@ -1,0 +1,124 @@
+"""The server's model scores as the consumer predicts, from what the consumer makes
+durable: θ at the last durable point plus its delta, and users' state values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from metarec.datasets.synthetic import SyntheticStream
+from metarec.encoding import Encoder
+from metarec.learner import PREDICT
+from metarec.live_model import Candidate, LiveModel
+from metarec.records import Record
+from metarec.session import StreamSession
+from metarec.theta_state import Delta, DeltaError
+from tests.helpers import small_settings
+
+SETTINGS = small_settings()
+
+
+def _events() -> list[dict[str, object]]:
+    events = list(SyntheticStream(users=120, events_per_user=12, seed=5).events())
+    for e in events:  # some users tell their age group; the rest never do
+        if int(str(e["user_id"])[1:]) % 3 == 0:
+            e["user_features"] = {"age": f"a{int(str(e['user_id'])[1:]) % 5}"}
+    return events
+
+
+Learned = tuple[StreamSession, LiveModel, dict[str, tuple[bytes, int]]]
+
+
+def _learned_session() -> Learned:
+    """A consumer's session after a stream, and a live model fed what its durable
+    point wrote: θ from before the stream plus the delta, and every user's value."""
+    session = StreamSession(SETTINGS.session, durable=True, wall_clock=False)
+    live = LiveModel(SETTINGS.session, {k: v.clone() for k, v in session.learner.theta.items()})
+    session.process([Record(json.dumps(e).encode(), partition=0, offset=i)
+                     for i, e in enumerate(_events())])
+    session.finish()
+    point = session.checkpoint({0: 0})
+    assert point.theta is not None
+    live.apply_delta(Delta.loads(point.theta.dumps()))
+    values = [(u, v, i) for i, (u, v) in enumerate(point.users[0])]
+    assert live.set_users(values) == 0
+    return session, live, {u: (v, i) for u, v, i in values}
+
+
+def _consumer_scores(session: StreamSession, user: str, items: list[tuple[str, dict[str, str]]],
+                     context: dict[str, str]) -> np.ndarray:
+    """What the consumer's learner predicts for these impressions now (predictions
+    only: nothing is learned)."""
+    from metarec.events import Impression
+
+    imps = [Impression(type="impression", user_id=user, item_id=i, impression_id=f"x{n}",
+                       timestamp=0.0, context=context, item_features=f)
+            for n, (i, f) in enumerate(items)]
+    encoder = Encoder(SETTINGS.session.learner.model.features)
+    ops = encoder.encode(imps, [PREDICT] * len(imps), [0.0] * len(imps))
+    return session.learner.process(ops).p
+
+
+ITEMS = [(f"i{n}", {"category": f"c{n % 4}"}) for n in range(0, 100, 7)]
+
+
+@pytest.fixture(scope="module")
+def learned() -> Learned:
+    return _learned_session()
+
+
+@pytest.mark.parametrize("user", ["u3", "u10", "u77", "someone-new"])
+def test_a_served_score_equals_the_consumers_prediction(
+        learned: Learned, user: str) -> None:
+    session, live, _ = learned
+    context = {"platform": "ios", "region": "r1"}
+    served = live.score(user, [Candidate(i, f) for i, f in ITEMS], context=context)
+    np.testing.assert_allclose(served.p, _consumer_scores(session, user, ITEMS, context),
+                               rtol=0, atol=1e-6)
+    assert served.known == (user != "someone-new")
+
+
+def test_personal_weights_move_scores_away_from_a_new_users(
+        learned: Learned) -> None:
+    _, live, _ = learned
+    candidates = [Candidate(i, f) for i, f in ITEMS]
+    known = live.score("u10", candidates, context={"region": "r1"})
+    fresh = live.score("nobody", candidates, context={"region": "r1"})
+    assert known.k > 0 and fresh.k == 0
+    assert np.abs(known.p - fresh.p).max() > 0.01
+
+
+def test_an_item_without_features_is_scored_with_those_it_was_learned_with(
+        learned: Learned) -> None:
+    _, live, _ = learned
+    real = next(e["item_features"] for e in _events() if e["item_id"] == "i7")
+    given = live.score("u10", [Candidate("i7", real)])
+    bare = live.score("u10", [Candidate("i7", {})])
+    np.testing.assert_allclose(bare.p, given.p, rtol=0, atol=1e-7)
+
+
+def test_an_older_value_never_replaces_a_newer_one() -> None:
+    _, live, values = _learned_session()
+    candidates = [Candidate(i, f) for i, f in ITEMS]
+    before, other = live.score("u10", candidates).p, live.score("u3", candidates).p
+    assert not np.array_equal(before, other)
+    theirs, mine = values["u3"][0], values["u10"][1]
+    live.set_users([("u10", theirs, mine - 1)])  # from before the value held: ignored
+    np.testing.assert_array_equal(live.score("u10", candidates).p, before)
+    live.set_users([("u10", theirs, mine + 1)])
+    np.testing.assert_array_equal(live.score("u10", candidates).p, other)
+
+
+def test_damaged_values_and_deltas_are_refused_without_harm(
+        learned: Learned) -> None:
+    _, live, _ = learned
+    candidates = [Candidate(i, f) for i, f in ITEMS]
+    before = live.score("u10", candidates).p
+    assert live.set_users([("u10", b"not a value", 10**9), ("x", b"MRU1" + b"\0" * 40, 1)]) == 2
+    bad = Delta(1, {"theta/item_emb": np.array([10**9])},
+                {"theta/item_emb": np.zeros((1, 8), dtype=np.float32)})
+    with pytest.raises(DeltaError):
+        live.apply_delta(bad)
+    np.testing.assert_array_equal(live.score("u10", candidates).p, before)
