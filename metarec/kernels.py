@@ -348,14 +348,6 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
             adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
 
 
-@njit(cache=True, fastmath=FAST)
-def predict(phi: np.ndarray, q: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
-    """Click probabilities of ``n`` examples under one user's ``phi``, computed as
-    :func:`serve` computes a prediction (a server's scores equal the consumer's)."""
-    for i in range(q.shape[0]):
-        out[i] = _sigmoid(_logit(phi, q[i], base[i]))
-
-
 # -- representation ----------------------------------------------------------------------
 
 
@@ -402,6 +394,20 @@ def represent(ids: ExampleIds, theta: ThetaArrays, out: Represented) -> None:
         for c in range(d):
             dot += side[i, c] * q[i, c]
         base[i] = b + dot
+
+
+@njit(cache=True, fastmath=FAST)
+def predict(ids: ExampleIds, theta: ThetaArrays, phi: np.ndarray, out: np.ndarray) -> None:
+    """Click probabilities of ``n`` examples under one user's ``phi``: each example
+    represented as :func:`represent` does and scored as :func:`serve` does, in one
+    pass (a server's scores equal the consumer's predictions)."""
+    d = theta.item_emb.shape[1]
+    rep = Represented(np.empty((1, d), dtype=np.float32), np.empty(1, dtype=np.float32),
+                      np.empty((1, d), dtype=np.float32))
+    for i in range(ids.item.shape[0]):
+        one = ExampleIds(ids.item[i:i + 1], ids.item_feats[i:i + 1], ids.user_feats[i:i + 1])
+        represent(one, theta, rep)
+        out[i] = _sigmoid(_logit(phi, rep.q[0], rep.base[0]))
 
 
 # -- θ's online step ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from metarec.encoding import Encoder
 from metarec.events import FeatureValue
 from metarec.kernels import ExampleIds
 from metarec.model import Theta
-from metarec.representation import represent
+from metarec.representation import theta_arrays
 from metarec.session import SessionConfig, config_hash
 from metarec.theta_state import Delta, add, check, row_views
 from metarec.user_state import UserCodec
@@ -34,12 +34,20 @@ SERVED_ARRAYS = frozenset({"theta/item_emb", "theta/item_bias", "theta/feat_emb"
 Features = Mapping[str, FeatureValue]
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """An item to score; without features, the ones the model last learned it with."""
+#: an item to score and its features (none: those the model last learned it with)
+Candidate = tuple[str, Features]
 
-    item_id: str
-    item_features: Features
+
+@dataclass(frozen=True)
+class DecodedUsers:
+    """Users' values decoded: their rows of the state store (structured), their
+    changelog positions, and how many values were refused (of another layout, or
+    damaged)."""
+
+    users: list[str]
+    rows: np.ndarray
+    stamps: np.ndarray
+    refused: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class LiveModel:
         self.examples_learned = examples_learned
         self.items = ItemFeatures(m.features.item_buckets, m.features.item_slots)
         self._arrays = {**row_views("theta", theta), "items/features": self.items.table}
+        # views of θ, which deltas change in place: taken once, not per request
+        self._theta = theta_arrays(theta)
+        self._phi0 = theta["phi0"].numpy()
         # a one-row store only gives the codec the layout of a user's value
         layout = UserStore(m.phi_dim, config.learner.task_size, m.features.user_slots,
                            m.features.context_slots, self.items, capacity=1)
@@ -84,26 +95,29 @@ class LiveModel:
                 add(self._arrays[name], rows, delta.values[name], name)
         self.examples_learned += delta.examples
 
-    def set_users(self, values: Sequence[tuple[str, bytes, int]]) -> int:
-        """Committed users' values, each with its position in the changelog (a
-        value older than the one held is ignored); how many were refused (of
-        another layout, or damaged)."""
+    def decode_users(self, values: Sequence[tuple[str, bytes, int]]) -> DecodedUsers:
+        """Committed users' values, each with its position in the changelog, decoded
+        (the newest of each user) but not yet applied: a server decodes while it
+        answers, and applies (:meth:`set_users`) between requests."""
         newest: dict[str, tuple[bytes, int]] = {}
         for user, value, stamp in values:
             if stamp > newest.get(user, (b"", -1))[1]:
                 newest[user] = (value, stamp)
         users, packed, refused = self._codec.rows((u, v) for u, (v, _) in newest.items())
-        if not users:
-            return refused
-        rows = self._assign(users)
         stamps = np.array([newest[u][1] for u in users], dtype=np.int64)
-        newer = stamps > self._stamp[rows]
-        rows = rows[newer]
-        self._phi[rows] = packed["phi"][newer]
-        self._learned[rows] = packed["learned"][newer]
-        self._features[rows] = packed["features"][newer]
-        self._stamp[rows] = stamps[newer]
-        return refused
+        return DecodedUsers(users, packed, stamps, refused)
+
+    def set_users(self, decoded: DecodedUsers) -> None:
+        """Apply decoded values; one older than the value a user holds is ignored."""
+        if not decoded.users:
+            return
+        rows = self._assign(decoded.users)
+        newer = decoded.stamps > self._stamp[rows]
+        rows, packed = rows[newer], decoded.rows[newer]
+        self._phi[rows] = packed["phi"]
+        self._learned[rows] = packed["learned"]
+        self._features[rows] = packed["features"]
+        self._stamp[rows] = decoded.stamps[newer]
 
     def _assign(self, users: list[str]) -> np.ndarray:
         out = np.empty(len(users), dtype=np.int64)
@@ -126,7 +140,7 @@ class LiveModel:
         without state is scored from φ_0; features given here win over the stored
         ones (as an event's do in the consumer)."""
         enc = self._encoder.candidates(user_id, user_features or {}, dict(context or {}),
-                                       [(c.item_id, c.item_features) for c in candidates])
+                                       candidates)
         n = len(enc.item)
         item_feats = enc.item_feats
         unknown = ~item_feats.any(axis=1)
@@ -135,11 +149,11 @@ class LiveModel:
         user = enc.user_feats
         if row is not None and not user_features:
             user = self._features[row].astype(np.int64)
-        side = np.broadcast_to(np.concatenate([user, enc.context]), (n, len(user) + len(enc.context)))
-        rep = represent(self.theta, ExampleIds(enc.item, item_feats, side))
-        phi = self._phi[row] if row is not None else self.theta["phi0"].numpy()
+        # one contiguous row per candidate: the kernels' compiled form for the consumer
+        side = np.tile(np.concatenate([user, enc.context]), (n, 1))
+        phi = self._phi[row] if row is not None else self._phi0
         p = np.empty(n, dtype=np.float64)
-        kernels.predict(phi, rep.q, rep.base, p)
+        kernels.predict(ExampleIds(enc.item, item_feats, side), self._theta, phi, p)
         return Scores(p, row is not None, int(self._learned[row]) if row is not None else 0)
 
     # -- figures -------------------------------------------------------------------------
@@ -160,4 +174,4 @@ def _grown(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
     return out
 
 
-__all__ = ["SERVED_ARRAYS", "Candidate", "LiveModel", "Scores"]
+__all__ = ["SERVED_ARRAYS", "Candidate", "DecodedUsers", "LiveModel", "Scores"]

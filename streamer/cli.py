@@ -251,6 +251,10 @@ def cmd_run(settings: Settings) -> int:
                  summary.dead_letters, summary.versions_published or "none")
         if broker is not None:
             _show_model_topic(bootstrap, settings)
+            if ops.demo_source:
+                from streamer.demo import show_personalisation
+
+                show_personalisation(bootstrap, settings, ops.demo_source)
     finally:
         if broker is not None:
             broker.stop()

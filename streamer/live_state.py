@@ -18,6 +18,7 @@ whole transactions only.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from metarec.model import init_theta
 from metarec.session import config_hash
 from streamer import kafka_io, lineage
 from streamer.changelog import CONFIRMED, MARKER
-from streamer.config import FETCH_MAX_WAIT_MS, Settings
+from streamer.config import Settings
 from streamer.kafka_io import MAX_MESSAGE_BYTES
 from streamer.model_topic import Lineage, VersionAssembler
 from streamer.serving_metrics import ServingMetrics
@@ -103,13 +104,18 @@ class LiveState:
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
 
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
     def _load(self) -> None:
         s, k = self.settings, self.settings.kafka
         kafka_io.ensure_topics(self.bootstrap, k)
         cons = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              isolation_level="read_uncommitted",
-                             fetch_max_wait_ms=min(s.serve.poll_ms, FETCH_MAX_WAIT_MS * 5),
+                             # fewer, fuller fetches: each costs the requests' thread
+                             fetch_min_bytes=64 << 10, fetch_max_wait_ms=s.serve.poll_ms,
                              max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
         model_tp = TopicPartition(k.model_topic, 0)
         # versions published from here on are followed; the newest before is loaded
@@ -119,6 +125,13 @@ class LiveState:
         theta = start.theta if start.theta is not None else init_theta(learner.model,
                                                                        learner.seed)
         self.model = LiveModel(s.session, theta, examples_learned=start.examples_learned)
+        # compile the scoring kernels now, not in the first requests; then move what
+        # is alive (modules, kernels) out of the collector's reach, or every full
+        # collection walks it all and stalls the requests in flight
+        self.model.score("warm-up", [("warm-up", {})], context={"warm": "up"},
+                         user_features={"warm": "up"})
+        gc.collect()
+        gc.freeze()
         self._version = start.parent
         self._updates.applied.update(start.lineage.applied)
         self._updates.position = start.lineage.updates_offset
@@ -153,7 +166,7 @@ class LiveState:
     def poll_once(self, timeout_ms: int) -> None:
         cons = self._consumer
         assert cons is not None and self.model is not None
-        polled = cons.poll(timeout_ms=timeout_ms, max_records=5000)
+        polled = cons.poll(timeout_ms=timeout_ms, max_records=1000)
         k = self.settings.kafka
         now = time.time()
         for tp, msgs in polled.items():
@@ -230,6 +243,11 @@ class LiveState:
                         "committed", n, *key)
         if not ready and not values:
             return
+        values.sort(key=lambda v: v[2])
+        decoded = self.model.decode_users(values)  # outside the lock: requests go on
+        if decoded.refused:
+            self.skipped["bad_value"] += decoded.refused
+            self.metrics.skipped.labels("bad_value").inc(decoded.refused)
         with self._lock:
             for tag, delta in ready:
                 if delta is None:
@@ -241,12 +259,7 @@ class LiveState:
                     log.warning("θ update %s/%d skipped: %s", tag.incarnation, tag.seq, exc)
                     continue
                 self._updates_applied += 1
-            if values:
-                values.sort(key=lambda v: v[2])
-                refused = self.model.set_users(values)
-                if refused:
-                    self.skipped["bad_value"] += refused
-                    self.metrics.skipped.labels("bad_value").inc(refused)
+            self.model.set_users(decoded)
             self._hold_versions()
         self.metrics.updates_applied.inc(sum(d is not None for _, d in ready))
         self.metrics.user_values_applied.inc(len(values))

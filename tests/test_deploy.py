@@ -1,5 +1,6 @@
 """deploy/: alert rules pass promtool's tests, the dashboard asks only for
-metrics metarec exports, and a real Prometheus scrapes a running `metarec run`."""
+metrics metarec exports, and a real Prometheus scrapes a running `metarec run`
+and `metarec serve`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from metarec.datasets.synthetic import SyntheticStream
 from streamer import kafka_io
 from streamer.embedded import EmbeddedBroker, free_port
 from streamer.metrics import Metrics
+from streamer.serving_metrics import ServingMetrics
 from tests.test_kafka_integration import Topics, metarec, produce, read_all
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -43,7 +45,8 @@ def test_alert_rules_pass_promtool_unit_tests() -> None:
 
 def exported_names() -> set[str]:
     names = set()
-    for family in Metrics().registry.collect():
+    families = [*Metrics().registry.collect(), *ServingMetrics().registry.collect()]
+    for family in families:
         for sample in family.samples:
             names.add(sample.name)
         names.add(family.name)
@@ -86,7 +89,8 @@ def wait_for(port: int, promql: str, seconds: float = 90) -> list[dict[str, Any]
 
 
 @pytest.mark.integration
-def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path: Path) -> None:
+def test_a_real_prometheus_scrapes_metarec_run_and_serve(broker: EmbeddedBroker,
+                                                         tmp_path: Path) -> None:
     topics = Topics()
     kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
     # a click-rate jump half-way: the alarm must reach Prometheus and the drift topic
@@ -94,11 +98,16 @@ def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path:
             list(SyntheticStream(users=600, events_per_user=30, seed=21,
                                  drift="click_rate").events()),
             [(b"garbage", "not_json")])
-    metrics_port, prom_port = free_port(), free_port()
+    metrics_port, prom_port, serve_port = free_port(), free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
         "scrape_configs:\n"
-        f"  - job_name: metarec\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
+        f"  - job_name: metarec\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+        f"  - job_name: metarec-serve\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{serve_port}']}}]\n")
+    serve = subprocess.Popen(metarec("serve", *topics.flags(broker), "--metrics-port", "0",
+                                     "--serve-port", str(serve_port)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = subprocess.Popen(metarec("run", *topics.flags(broker), "--metrics-port",
                                    str(metrics_port), "--drift-segment-field", "region"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,13 +130,26 @@ def test_a_real_prometheus_scrapes_metarec_run(broker: EmbeddedBroker, tmp_path:
         # is what keeps it)
         assert wait_for(prom_port, 'metarec_drift_episode_open{signal="click_rate",'
                                    'segment="all"} >= 0')
+        # the server follows what the run learns, and counts what it answers
+        assert wait_for(prom_port, 'metarec_serve_users{job="metarec-serve"} > 0')
+        body = json.dumps({"user_id": "u1", "items": [{"item_id": "i1"}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{serve_port}/v1/score", data=body,
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+        assert wait_for(prom_port, 'metarec_serve_requests_total{endpoint="/v1/score",'
+                                   'code="200"} == 1')
+        assert query(prom_port, 'up{job="metarec-serve"} == 1')
     finally:
+        serve.send_signal(signal.SIGTERM)
         prom.terminate()
         run.send_signal(signal.SIGTERM)
         prom.wait(30)
         _, stderr = run.communicate(timeout=60)
     assert run.returncode == 0, stderr[-2000:]
     assert "drift episode opened: click_rate" in stderr
+    _, serve_log = serve.communicate(timeout=30)
+    assert serve.returncode == 0, serve_log[-2000:]
     drift = [json.loads(m.value) for m in read_all(broker, topics.drift, 1)]
     assert any(d["signal"] == "click_rate" and d["segment"] == "all" for d in drift)
     assert all({"state", "timestamp", "before", "after", "magnitude", "relative"} <= set(d)

@@ -11,7 +11,7 @@ import pytest
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.encoding import Encoder
 from metarec.learner import PREDICT
-from metarec.live_model import Candidate, LiveModel
+from metarec.live_model import LiveModel
 from metarec.records import Record
 from metarec.session import StreamSession
 from metarec.theta_state import Delta, DeltaError
@@ -43,7 +43,9 @@ def _learned_session() -> Learned:
     assert point.theta is not None
     live.apply_delta(Delta.loads(point.theta.dumps()))
     values = [(u, v, i) for i, (u, v) in enumerate(point.users[0])]
-    assert live.set_users(values) == 0
+    decoded = live.decode_users(values)
+    assert decoded.refused == 0
+    live.set_users(decoded)
     return session, live, {u: (v, i) for u, v, i in values}
 
 
@@ -74,7 +76,7 @@ def test_a_served_score_equals_the_consumers_prediction(
         learned: Learned, user: str) -> None:
     session, live, _ = learned
     context = {"platform": "ios", "region": "r1"}
-    served = live.score(user, [Candidate(i, f) for i, f in ITEMS], context=context)
+    served = live.score(user, list(ITEMS), context=context)
     np.testing.assert_allclose(served.p, _consumer_scores(session, user, ITEMS, context),
                                rtol=0, atol=1e-6)
     assert served.known == (user != "someone-new")
@@ -83,7 +85,7 @@ def test_a_served_score_equals_the_consumers_prediction(
 def test_personal_weights_move_scores_away_from_a_new_users(
         learned: Learned) -> None:
     _, live, _ = learned
-    candidates = [Candidate(i, f) for i, f in ITEMS]
+    candidates = list(ITEMS)
     known = live.score("u10", candidates, context={"region": "r1"})
     fresh = live.score("nobody", candidates, context={"region": "r1"})
     assert known.k > 0 and fresh.k == 0
@@ -94,29 +96,31 @@ def test_an_item_without_features_is_scored_with_those_it_was_learned_with(
         learned: Learned) -> None:
     _, live, _ = learned
     real = next(e["item_features"] for e in _events() if e["item_id"] == "i7")
-    given = live.score("u10", [Candidate("i7", real)])
-    bare = live.score("u10", [Candidate("i7", {})])
+    given = live.score("u10", [("i7", real)])
+    bare = live.score("u10", [("i7", {})])
     np.testing.assert_allclose(bare.p, given.p, rtol=0, atol=1e-7)
 
 
 def test_an_older_value_never_replaces_a_newer_one() -> None:
     _, live, values = _learned_session()
-    candidates = [Candidate(i, f) for i, f in ITEMS]
+    candidates = list(ITEMS)
     before, other = live.score("u10", candidates).p, live.score("u3", candidates).p
     assert not np.array_equal(before, other)
     theirs, mine = values["u3"][0], values["u10"][1]
-    live.set_users([("u10", theirs, mine - 1)])  # from before the value held: ignored
+    live.set_users(live.decode_users([("u10", theirs, mine - 1)]))  # older: ignored
     np.testing.assert_array_equal(live.score("u10", candidates).p, before)
-    live.set_users([("u10", theirs, mine + 1)])
+    live.set_users(live.decode_users([("u10", theirs, mine + 1)]))
     np.testing.assert_array_equal(live.score("u10", candidates).p, other)
 
 
 def test_damaged_values_and_deltas_are_refused_without_harm(
         learned: Learned) -> None:
     _, live, _ = learned
-    candidates = [Candidate(i, f) for i, f in ITEMS]
+    candidates = list(ITEMS)
     before = live.score("u10", candidates).p
-    assert live.set_users([("u10", b"not a value", 10**9), ("x", b"MRU1" + b"\0" * 40, 1)]) == 2
+    decoded = live.decode_users([("u10", b"not a value", 10**9), ("x", b"MRU1" + b"\0" * 40, 1)])
+    assert decoded.refused == 2 and not decoded.users
+    live.set_users(decoded)
     bad = Delta(1, {"theta/item_emb": np.array([10**9])},
                 {"theta/item_emb": np.zeros((1, 8), dtype=np.float32)})
     with pytest.raises(DeltaError):

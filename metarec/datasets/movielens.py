@@ -82,6 +82,12 @@ def _ratings(path: Path | None) -> tuple[dict[str, dict[str, Any]], dict[str, di
     return users, items, ratings
 
 
+def titles(path: Path | None = None) -> dict[str, str]:
+    """Each movie's title, by item id."""
+    with zipfile.ZipFile(path or wheel_path()) as archive:
+        return {r[0]: r[1] for r in _rows(archive, "item") if len(r) > 1}
+
+
 def events(path: Path | None = None) -> Iterator[dict[str, Any]]:
     """The 100,000 ratings as impression events (JSON-ready dicts), oldest first;
     the feature dicts are shared by every rating of the same user or item."""

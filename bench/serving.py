@@ -1,0 +1,482 @@
+"""``metarec serve`` under load, with the consumer running: latency and throughput of
+score requests, and how soon a label reaches a user's served scores.
+
+    .venv/bin/python -m bench.serving                     # about 7 minutes
+    .venv/bin/python -m bench.serving --repeats 5 --seconds 20 --latency-rate 5000
+
+Set-up: the embedded broker; MovieLens-100K (100,000 prelabelled impressions)
+produced into a 4-partition events topic and learned by one ``metarec run``
+member (default model settings); then ``metarec serve`` follows the group's
+topics. A feeder process keeps producing prelabelled synthetic impressions of
+other users, timed by the wall clock, so the consumer is learning, committing
+and publishing while requests are answered.
+
+* **Freshness**, first: with the consumer fed ``--rate`` events/s, every
+  ``--probe-every`` seconds a probe user (new, then known) gets one labelled
+  impression; the time from its send to the first served response whose
+  ``labels`` counts it (polled every 5 ms) is that label's delay. Goal: at most
+  2 s at 5,000 events/s.
+* **Latency**, then: with the consumer fed ``--latency-rate`` events/s (at 5,000,
+  the load, the feeder, the broker and the consumer together starve the
+  consumer on two cores: it learned about 500 labels/s), ``--clients``
+  keep-alive connections (closed loop, raw HTTP/1.1 on asyncio in a process of
+  their own) each send score requests of ``--candidates`` MovieLens items (ids
+  only: the server fills in the features it learned them with) for random
+  MovieLens users, for ``--seconds``. The same load goes to a *floor* server:
+  the same uvicorn and FastAPI, the same request decoding and JSON response,
+  scores a constant, so the difference is what scoring with a live model
+  costs. Runs alternate (ours, floor, ours, ...); medians of the repeats are
+  reported, with the labels/s the consumer kept learning meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+from bench.durability import code_version
+from streamer import kafka_io
+from streamer.config import Settings
+from streamer.embedded import EmbeddedBroker, free_port
+from streamer.http_api import ScoreRequest, decode
+from streamer.sources import read_source
+
+PARTITIONS = 4
+LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
+
+
+def metarec(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamer.cli", *args]
+
+
+def flags(broker: EmbeddedBroker, tag: str) -> list[str]:
+    return ["--bootstrap-servers", broker.bootstrap, "--events-topic", f"bench-ev-{tag}",
+            "--model-topic", f"bench-model-{tag}", "--dlq-topic", f"bench-dlq-{tag}",
+            "--drift-topic", f"bench-drift-{tag}", "--group-id", f"bench-{tag}",
+            "--partitions", str(PARTITIONS), "--metrics-port", "0"]
+
+
+# -- the feeder --------------------------------------------------------------------------
+
+
+def feed(bootstrap: str, topic: str, rate: Any, stop: Any) -> None:
+    """Prelabelled impressions of users of its own, at ``rate.value`` events/s of
+    wall time (event time = now; the rate may change as it runs), until ``stop``."""
+    prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=256 * 1024)
+    rng = random.Random(1)
+    n = sent = 0
+    t0, current = time.monotonic(), rate.value
+    try:
+        while not stop.is_set():
+            if rate.value != current:  # a new rate from now on
+                t0, sent, current = time.monotonic(), 0, rate.value
+            due = int((time.monotonic() - t0) * current)
+            for _ in range(due - sent):
+                user = f"feed-{rng.randrange(200_000)}"
+                item = rng.randrange(1, 1683)
+                event = {"type": "impression", "impression_id": f"feed-{n}", "user_id": user,
+                         "item_id": str(item), "timestamp": time.time(),
+                         "item_features": {"decade": f"d{item % 8}"},
+                         "clicked": rng.random() < 0.4}
+                prod.send(topic, key=user.encode(), value=json.dumps(event).encode())
+                n += 1
+            sent = max(sent, due)
+            time.sleep(0.002)
+    finally:
+        prod.close()
+
+
+# -- load --------------------------------------------------------------------------------
+
+
+async def _client(port: int, bodies: list[bytes], deadline: float, out: list[float],
+                  errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    rng = random.Random(id(out) ^ port)
+    try:
+        while time.perf_counter() < deadline:
+            body = bodies[rng.randrange(len(bodies))]
+            request = (b"POST /v1/score HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = LENGTH.search(head)
+            assert found is not None, head
+            await reader.readexactly(int(found.group(1)))
+            out.append(time.perf_counter() - t0)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append(1)
+    finally:
+        writer.close()
+
+
+def _load(port: int, bodies: list[bytes], clients: int, seconds: float, q: Any) -> None:
+    async def main() -> tuple[list[float], int]:
+        deadline = time.perf_counter() + seconds
+        out: list[float] = []
+        errors: list[int] = []
+        await asyncio.gather(*[_client(port, bodies, deadline, out, errors)
+                               for _ in range(clients)])
+        return out, len(errors)
+
+    q.put(asyncio.run(main()))
+
+
+def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+    """Closed-loop load from a process of its own: p50/p99 (ms) and requests/s."""
+    q: Any = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_load, args=(port, bodies, clients, seconds,
+                                                               q))
+    proc.start()
+    latencies, errors = q.get(timeout=seconds + 60)
+    proc.join()
+    a = np.array(latencies) * 1000
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "rps": len(a) / seconds, "errors": errors}
+
+
+def floor_app() -> Any:
+    """The floor: the API's framework, request decoding and JSON response, no model."""
+    app = FastAPI()
+
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        req = decode(ScoreRequest, await request.body())
+        body = {"user_id": req.user_id, "known": True, "labels": 0, "model_version": 1,
+                "scores": [{"item_id": it.item_id, "p": 0.5} for it in req.items]}
+        return Response(msgspec.json.encode(body), media_type="application/json")
+
+    return app
+
+
+def start_floor(port: int) -> subprocess.Popen[str]:
+    code = ("import uvicorn; from bench.serving import floor_app; "
+            f"uvicorn.run(floor_app(), host='127.0.0.1', port={port}, access_log=False, "
+            "log_level='warning', lifespan='off')")
+    proc = subprocess.Popen([sys.executable, "-c", code], text=True)
+    wait_http(f"http://127.0.0.1:{port}/docs", proc)
+    return proc
+
+
+def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{url}: the server exited {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+# -- freshness ---------------------------------------------------------------------------
+
+
+def freshness(bootstrap: str, topic: str, url: str, probes: int, every: float) -> list[float]:
+    prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    client = httpx.Client(timeout=5)
+    delays = []
+    try:
+        for n in range(probes):
+            user = f"probe-{n % max(1, probes // 2)}"  # each twice: first new, then known
+            before = client.post(url, json={"user_id": user, "items": [{"item_id": "50"}]}
+                                 ).json()["labels"]
+            event = {"type": "impression", "impression_id": f"probe-{uuid.uuid4().hex}",
+                     "user_id": user, "item_id": "50", "timestamp": time.time(),
+                     "clicked": True}
+            t0 = time.perf_counter()
+            prod.send(topic, key=user.encode(), value=json.dumps(event).encode())
+            prod.flush()
+            while True:
+                got = client.post(url, json={"user_id": user, "items": [{"item_id": "50"}]}
+                                  ).json()
+                if got["labels"] > before:
+                    delays.append(time.perf_counter() - t0)
+                    break
+                if time.perf_counter() - t0 > 30:
+                    delays.append(float("inf"))
+                    break
+                time.sleep(0.005)
+            time.sleep(every)
+    finally:
+        client.close()
+        prod.close()
+    return delays
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def bodies(users: list[str], items: list[str], candidates: int, n: int = 200) -> list[bytes]:
+    rng = random.Random(0)
+    return [json.dumps({"user_id": rng.choice(users), "context": {},
+                        "items": [{"item_id": i} for i in rng.sample(items, candidates)]}
+                       ).encode() for _ in range(n)]
+
+
+def status(url: str, bootstrap: str, topic: str, group: str) -> str:
+    """The server's health, and how far the consumer group is behind the events."""
+    h = httpx.get(url + "/health", timeout=5).json()
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    cons = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        committed = {tp: o.offset for tp, o in
+                     admin.list_group_offsets(group).get(group, {}).items()
+                     if tp.topic == topic and o.offset is not None and o.offset >= 0}
+        ends = cons.end_offsets(list(committed))
+        behind = sum(ends[tp] - offset for tp, offset in committed.items())
+    finally:
+        admin.close()
+        cons.close()
+    return (f"server {h['users']:,} users, {h['examples_learned']:,} labels, model version "
+            f"{h['model_version']}, lag {sum(h['lag_records'].values())} records, staleness "
+            f"{h['staleness_seconds']:.2f} s; consumer group "
+            + (f"{behind:,} events behind its topic" if behind > 0 else "caught up"))
+
+
+def score_buckets(url: str) -> list[tuple[float, float]]:
+    """The server's own request-duration histogram for /v1/score (cumulative)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    found = re.findall(r'metarec_serve_request_duration_seconds_bucket\{endpoint="/v1/score",'
+                       r'le="([^"]+)"\} (\S+)', text)
+    return [(float(le), float(n)) for le, n in found]
+
+
+def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]],
+                    q: float) -> float:
+    """The bucket bound (ms) under which ``q`` of the requests between two scrapes were
+    answered, inside the server."""
+    if not after:
+        return float("nan")
+    counts = [(le, n - dict(before).get(le, 0.0)) for le, n in after]
+    total = counts[-1][1]
+    return next(le for le, n in counts if n >= q * total) * 1000
+
+
+def server_delay(url: str) -> str:
+    """The server's part of a label's delay: from the member writing the users'
+    values to their being served (its histogram's quantiles, by bucket bound)."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    found = re.findall(r'metarec_serve_state_delay_seconds_bucket\{le="([^"]+)"\} (\S+)', text)
+    bounds = [(float(le), float(n)) for le, n in found]
+    total = bounds[-1][1]
+    def q(p: float) -> str:
+        return next(f"≤ {le:g} s" for le, n in bounds if n >= p * total)
+    return f"p50 {q(0.5)}, p99 {q(0.99)}"
+
+
+def wait_learned(url: str, proc: subprocess.Popen[str], at_least: int) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None
+        try:
+            h = httpx.get(url + "/health", timeout=5).json()
+            if h["examples_learned"] >= at_least:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the consumer never learned MovieLens"
+        time.sleep(1)
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    tag = uuid.uuid4().hex[:8]
+    serve_port, floor_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{serve_port}"
+    lines = [f"2 CPUs, code {code_version()}, `python -m bench.serving "
+             f"--repeats {args.repeats} --seconds {args.seconds:g} "
+             f"--clients {','.join(map(str, args.clients))} "
+             f"--candidates {args.candidates} --rate {args.rate} "
+             f"--latency-rate {args.latency_rate}`", ""]
+    with EmbeddedBroker() as broker:
+        f = flags(broker, tag)
+        settings = Settings.of(bootstrap_servers=broker.bootstrap, events_topic=f"bench-ev-{tag}",
+                               model_topic=f"bench-model-{tag}", dlq_topic=f"bench-dlq-{tag}",
+                               drift_topic=f"bench-drift-{tag}", group_id=f"bench-{tag}",
+                               partitions=PARTITIONS)
+        kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
+        prod = kafka_io.producer(broker.bootstrap)
+        n = kafka_io.produce_records(prod, f"bench-ev-{tag}", read_source("movielens-100k"))
+        prod.close()
+        logs = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+        consumer = subprocess.Popen(metarec("run", *f), stderr=(logs / "run.log").open("w"),
+                                    text=True)
+        server = subprocess.Popen(metarec("serve", *f, "--serve-port", str(serve_port)),
+                                  stderr=(logs / "serve.log").open("w"), text=True)
+        stop = mp.get_context("spawn").Event()
+        rate = mp.get_context("spawn").Value("i", args.rate)
+        feeder = mp.get_context("spawn").Process(
+            target=feed, args=(broker.bootstrap, f"bench-ev-{tag}", rate, stop))
+        floor = None
+        try:
+            wait_http(url + "/health", server)
+            wait_learned(url, server, n)
+            def state() -> str:
+                return status(url, broker.bootstrap, f"bench-ev-{tag}", f"bench-{tag}")
+
+            lines.append(f"- MovieLens learned: {state()}")
+            rss_start, users_start = rss_mib(server.pid), n_users(url)
+            feeder.start()
+            time.sleep(5)
+            c0, t0 = cpu_seconds(server.pid), time.monotonic()
+            time.sleep(5)
+            following = (cpu_seconds(server.pid) - c0) / (time.monotonic() - t0)
+            lines.append(f"- following the topics alone (no requests), the server used "
+                         f"{following:.0%} of a core; the consumer "
+                         f"{cpu_share(consumer.pid):.0%}")
+            delays = freshness(broker.bootstrap, f"bench-ev-{tag}", url + "/v1/score",
+                               args.probes, args.probe_every)
+            lines.append(f"- after the probes: {state()}")
+            lines += freshness_table(delays, args)
+            lines.append(f"The server's part (member's write to served, "
+                         f"`metarec_serve_state_delay_seconds`): {server_delay(url)}.")
+            rate.value = args.latency_rate
+            floor = start_floor(floor_port)
+            time.sleep(5)  # the consumer catches up at the new rate
+            learned_before, t_before = labels(url), time.monotonic()
+            users = [str(u) for u in range(1, 944)]
+            items = [str(i) for i in range(1, 1683)]
+            reqs = bodies(users, items, args.candidates)
+            runs: dict[int, tuple[list[dict[str, float]], list[dict[str, float]]]] = {}
+            for _ in range(args.repeats):  # interleaved: ours, floor, ours, ...
+                for clients in args.clients:
+                    ours, base = runs.setdefault(clients, ([], []))
+                    before = score_buckets(url)
+                    ours.append(load(serve_port, reqs, clients, args.seconds))
+                    after = score_buckets(url)
+                    ours[-1]["inside_p50"] = bucket_quantile(before, after, 0.5)
+                    ours[-1]["inside_p99"] = bucket_quantile(before, after, 0.99)
+                    base.append(load(floor_port, reqs, clients, args.seconds))
+            lines += latency_table(runs, args)
+            kept = (labels(url) - learned_before) / (time.monotonic() - t_before)
+            lines.append(f"- during the latency runs the consumer learned {kept:,.0f} labels/s "
+                         f"(fed {args.latency_rate:,}/s); after them: {state()}")
+            rss_end, users_end = rss_mib(server.pid), n_users(url)
+            lines += ["", f"Server memory: {rss_start:.0f} MiB resident with "
+                          f"{users_start:,} users, {rss_end:.0f} MiB with {users_end:,}: "
+                          f"{(rss_end - rss_start) * 2**20 / max(1, users_end - users_start):,.0f}"
+                          " bytes per user added."]
+        finally:
+            stop.set()
+            if feeder.pid is not None:
+                feeder.join(timeout=10)
+            for proc in (floor, server, consumer):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+    return lines
+
+
+def labels(url: str) -> int:
+    return int(httpx.get(url + "/health", timeout=5).json()["examples_learned"])
+
+
+def n_users(url: str) -> int:
+    return int(httpx.get(url + "/health", timeout=5).json()["users"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(pid: int, seconds: float = 2.0) -> float:
+    c0 = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / seconds
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _span(runs: list[dict[str, float]], key: str, fmt: str) -> str:
+    values = [r[key] for r in runs]
+    return (f"{fmt.format(statistics.median(values))} "
+            f"({fmt.format(min(values))} - {fmt.format(max(values))})")
+
+
+def latency_table(runs: dict[int, tuple[list[dict[str, float]], list[dict[str, float]]]],
+                  args: argparse.Namespace) -> list[str]:
+    out = ["", f"### Score requests of {args.candidates} candidates from concurrent keep-alive "
+               f"clients, {args.seconds:g} s per repeat, medians (min - max) of "
+               f"{args.repeats}; the consumer fed {args.latency_rate:,} events/s meanwhile", "",
+           "| clients | server | p50, ms | p99, ms | requests/s | p99 inside the server, ms "
+           "| errors |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for clients, (ours, base) in runs.items():
+        for name, r in (("`metarec serve`", ours), ("floor: same framework, no model", base)):
+            inside = f"≤ {_median(r, 'inside_p99'):g}" if "inside_p99" in r[0] else ""
+            out.append(f"| {clients} | {name} | {_span(r, 'p50', '{:.2f}')} | "
+                       f"{_span(r, 'p99', '{:.2f}')} | {_span(r, 'rps', '{:,.0f}')} | {inside} | "
+                       f"{sum(x['errors'] for x in r):.0f} |")
+    out += ["", "Throughput ours/floor: " + ", ".join(
+        f"{c} client(s) {_median(o, 'rps') / _median(b, 'rps'):.2f}"
+        for c, (o, b) in runs.items()) + ". *Inside the server*: its own request histogram "
+        "(by bucket bound), from the app's entry to its response."]
+    return out
+
+
+def freshness_table(delays: list[float], args: argparse.Namespace) -> list[str]:
+    a = np.array(delays)
+    return ["", f"### A label's delay to its user's served scores ({len(a)} probes, "
+                f"{args.rate:,} events/s of other users meanwhile)", "",
+            "| p50, s | p90, s | max, s | within 2 s |", "|---:|---:|---:|---:|",
+            f"| {np.percentile(a, 50):.2f} | {np.percentile(a, 90):.2f} | {a.max():.2f} | "
+            f"{int((a <= 2.0).sum())} of {len(a)} |"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")],
+                        default=[1, 2, 4], help="concurrent clients, comma-separated levels")
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--rate", type=int, default=5000,
+                        help="events/s fed to the consumer while the probes run")
+    parser.add_argument("--latency-rate", type=int, default=1000,
+                        help="events/s fed to the consumer while the latency runs go")
+    parser.add_argument("--probes", type=int, default=40)
+    parser.add_argument("--probe-every", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.md"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("METAREC_LOG_LEVEL", "WARNING")
+    lines = run(args)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
