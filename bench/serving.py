@@ -2,7 +2,7 @@
 score requests, and how soon a label reaches a user's served scores.
 
     .venv/bin/python -m bench.serving                     # about 7 minutes
-    .venv/bin/python -m bench.serving --repeats 5 --seconds 20 --latency-rate 5000
+    .venv/bin/python -m bench.serving --repeats 5 --seconds 20 --request-rates 100,1000
 
 Set-up: the embedded broker; MovieLens-100K (100,000 prelabelled impressions)
 produced into a 4-partition events topic and learned by one ``metarec run``
@@ -16,17 +16,19 @@ and publishing while requests are answered.
   impression; the time from its send to the first served response whose
   ``labels`` counts it (polled every 5 ms) is that label's delay. Goal: at most
   2 s at 5,000 events/s.
-* **Latency**, then: with the consumer fed ``--latency-rate`` events/s (at 5,000,
-  the load, the feeder, the broker and the consumer together starve the
-  consumer on two cores: it learned about 500 labels/s), ``--clients``
-  keep-alive connections (closed loop, raw HTTP/1.1 on asyncio in a process of
-  their own) each send score requests of ``--candidates`` MovieLens items (ids
-  only: the server fills in the features it learned them with) for random
-  MovieLens users, for ``--seconds``. The same load goes to a *floor* server:
-  the same uvicorn and FastAPI, the same request decoding and JSON response,
-  scores a constant, so the difference is what scoring with a live model
-  costs. Runs alternate (ours, floor, ours, ...); medians of the repeats are
-  reported, with the labels/s the consumer kept learning meanwhile.
+* **Latency**, then, with the consumer fed ``--latency-rate`` events/s (1,000:
+  the embedded broker keeps everything in memory, and after about a million
+  events and their changelog values it slows until the consumer stalls): score
+  requests of ``--candidates`` MovieLens items (ids only: the server fills in the
+  features it learned them with) for random MovieLens users, from a process of
+  their own (raw HTTP/1.1 on asyncio, keep-alive), for ``--seconds`` each: open
+  loop at each of ``--request-rates`` (latency counted from when each request
+  was due), then closed loop with ``--clients`` connections (the throughput;
+  it takes every core it can, and starves the consumer). The same load goes to a
+  *floor* server: the same uvicorn and FastAPI, the same request decoding and
+  JSON response, scores a constant, so the difference is what scoring with a
+  live model costs. Runs alternate (ours, floor, ours, ...); medians of the
+  repeats are reported, with the labels/s the consumer kept learning meanwhile.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ from streamer.http_api import ScoreRequest, decode
 from streamer.sources import read_source
 
 PARTITIONS = 4
+#: a probe whose label is not served within this long counts as never (inf)
+PROBE_TIMEOUT = 10.0
 LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)
 
 
@@ -109,47 +113,95 @@ def feed(bootstrap: str, topic: str, rate: Any, stop: Any) -> None:
 # -- load --------------------------------------------------------------------------------
 
 
-async def _client(port: int, bodies: list[bytes], deadline: float, out: list[float],
-                  errors: list[int]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    rng = random.Random(id(out) ^ port)
-    try:
-        while time.perf_counter() < deadline:
-            body = bodies[rng.randrange(len(bodies))]
-            request = (b"POST /v1/score HTTP/1.1\r\nHost: bench\r\nContent-Type: "
-                       b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
-            t0 = time.perf_counter()
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            found = LENGTH.search(head)
-            assert found is not None, head
-            await reader.readexactly(int(found.group(1)))
-            out.append(time.perf_counter() - t0)
-            if not head.startswith(b"HTTP/1.1 200"):
-                errors.append(1)
-    finally:
-        writer.close()
+def _request(body: bytes) -> bytes:
+    return (b"POST /v1/score HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
 
 
-def _load(port: int, bodies: list[bytes], clients: int, seconds: float, q: Any) -> None:
-    async def main() -> tuple[list[float], int]:
+async def _exchange(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                    body: bytes) -> bool:
+    """One request on a keep-alive connection; True if it got a 200."""
+    reader, writer = conn
+    writer.write(_request(body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    found = LENGTH.search(head)
+    assert found is not None, head
+    await reader.readexactly(int(found.group(1)))
+    return head.startswith(b"HTTP/1.1 200")
+
+
+async def _closed(port: int, bodies: list[bytes], clients: int,
+                  seconds: float) -> tuple[list[float], int]:
+    """``clients`` connections, each sending its next request as soon as the last
+    is answered: the server's throughput."""
+    out: list[float] = []
+    errors = 0
+
+    async def client(seed: int) -> None:
+        nonlocal errors
+        conn = await asyncio.open_connection("127.0.0.1", port)
+        rng = random.Random(seed)
         deadline = time.perf_counter() + seconds
-        out: list[float] = []
-        errors: list[int] = []
-        await asyncio.gather(*[_client(port, bodies, deadline, out, errors)
-                               for _ in range(clients)])
-        return out, len(errors)
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            errors += not await _exchange(conn, bodies[rng.randrange(len(bodies))])
+            out.append(time.perf_counter() - t0)
+        conn[1].close()
 
-    q.put(asyncio.run(main()))
+    await asyncio.gather(*[client(n) for n in range(clients)])
+    return out, errors
 
 
-def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[str, float]:
-    """Closed-loop load from a process of its own: p50/p99 (ms) and requests/s."""
-    q: Any = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_load, args=(port, bodies, clients, seconds,
-                                                               q))
+async def _open(port: int, bodies: list[bytes], rate: float, seconds: float,
+                connections: int = 16) -> tuple[list[float], int]:
+    """Requests sent at ``rate`` per second whatever the answers (open loop), over
+    a pool of keep-alive connections; each latency counts from when its request
+    was due, so a stall is not hidden by the requests it held back."""
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    out: list[float] = []
+    errors = 0
+    rng = random.Random(0)
+
+    async def one(due: float, body: bytes) -> None:
+        nonlocal errors
+        conn = await pool.get()
+        try:
+            errors += not await _exchange(conn, body)
+        finally:
+            pool.put_nowait(conn)
+        out.append(time.perf_counter() - due)
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(due, bodies[rng.randrange(len(bodies))])))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return out, errors
+
+
+def _load(port: int, bodies: list[bytes], clients: int, rate: float, seconds: float,
+          q: Any) -> None:
+    if rate:
+        q.put(asyncio.run(_open(port, bodies, rate, seconds)))
+    else:
+        q.put(asyncio.run(_closed(port, bodies, clients, seconds)))
+
+
+def load(port: int, bodies: list[bytes], seconds: float, *, clients: int = 0,
+         rate: float = 0.0) -> dict[str, float]:
+    """Load from a process of its own, closed loop (``clients``) or open (``rate``
+    requests/s): p50/p99 (ms) and requests/s answered."""
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    proc = ctx.Process(target=_load, args=(port, bodies, clients, rate, seconds, q))
     proc.start()
-    latencies, errors = q.get(timeout=seconds + 60)
+    latencies, errors = q.get(timeout=seconds + 120)
     proc.join()
     a = np.array(latencies) * 1000
     return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
@@ -216,7 +268,7 @@ def freshness(bootstrap: str, topic: str, url: str, probes: int, every: float) -
                 if got["labels"] > before:
                     delays.append(time.perf_counter() - t0)
                     break
-                if time.perf_counter() - t0 > 30:
+                if time.perf_counter() - t0 > PROBE_TIMEOUT:
                     delays.append(float("inf"))
                     break
                 time.sleep(0.005)
@@ -308,6 +360,7 @@ def run(args: argparse.Namespace) -> list[str]:
     url = f"http://127.0.0.1:{serve_port}"
     lines = [f"2 CPUs, code {code_version()}, `python -m bench.serving "
              f"--repeats {args.repeats} --seconds {args.seconds:g} "
+             f"--request-rates {','.join(f'{r:g}' for r in args.request_rates)} "
              f"--clients {','.join(map(str, args.clients))} "
              f"--candidates {args.candidates} --rate {args.rate} "
              f"--latency-rate {args.latency_rate}`", ""]
@@ -355,25 +408,26 @@ def run(args: argparse.Namespace) -> list[str]:
                          f"`metarec_serve_state_delay_seconds`): {server_delay(url)}.")
             rate.value = args.latency_rate
             floor = start_floor(floor_port)
-            time.sleep(5)  # the consumer catches up at the new rate
-            learned_before, t_before = labels(url), time.monotonic()
+            time.sleep(5)  # the consumer settles at the new rate
             users = [str(u) for u in range(1, 944)]
             items = [str(i) for i in range(1, 1683)]
             reqs = bodies(users, items, args.candidates)
-            runs: dict[int, tuple[list[dict[str, float]], list[dict[str, float]]]] = {}
+            levels = [("rate", r) for r in args.request_rates] + [
+                ("clients", c) for c in args.clients]
+            runs: dict[tuple[str, float], Runs] = {}
+            kept: dict[tuple[str, float], list[float]] = {}
             for _ in range(args.repeats):  # interleaved: ours, floor, ours, ...
-                for clients in args.clients:
-                    ours, base = runs.setdefault(clients, ([], []))
-                    before = score_buckets(url)
-                    ours.append(load(serve_port, reqs, clients, args.seconds))
+                for level in levels:
+                    ours, base = runs.setdefault(level, ([], []))
+                    kw = {level[0]: level[1]}
+                    before, was = score_buckets(url), labels(url)
+                    ours.append(load(serve_port, reqs, args.seconds, **kw))
                     after = score_buckets(url)
-                    ours[-1]["inside_p50"] = bucket_quantile(before, after, 0.5)
+                    kept.setdefault(level, []).append((labels(url) - was) / args.seconds)
                     ours[-1]["inside_p99"] = bucket_quantile(before, after, 0.99)
-                    base.append(load(floor_port, reqs, clients, args.seconds))
-            lines += latency_table(runs, args)
-            kept = (labels(url) - learned_before) / (time.monotonic() - t_before)
-            lines.append(f"- during the latency runs the consumer learned {kept:,.0f} labels/s "
-                         f"(fed {args.latency_rate:,}/s); after them: {state()}")
+                    base.append(load(floor_port, reqs, args.seconds, **kw))
+            lines += latency_table(runs, kept, args)
+            lines.append(f"- after them: {state()}")
             rss_end, users_end = rss_mib(server.pid), n_users(url)
             lines += ["", f"Server memory: {rss_start:.0f} MiB resident with "
                           f"{users_start:,} users, {rss_end:.0f} MiB with {users_end:,}: "
@@ -391,6 +445,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def labels(url: str) -> int:
+    """Labels the server holds learned (the consumer's committed ones)."""
     return int(httpx.get(url + "/health", timeout=5).json()["examples_learned"])
 
 
@@ -427,32 +482,39 @@ def _span(runs: list[dict[str, float]], key: str, fmt: str) -> str:
             f"({fmt.format(min(values))} - {fmt.format(max(values))})")
 
 
-def latency_table(runs: dict[int, tuple[list[dict[str, float]], list[dict[str, float]]]],
+Runs = tuple[list[dict[str, float]], list[dict[str, float]]]
+
+
+def latency_table(runs: dict[tuple[str, float], Runs], kept: dict[tuple[str, float], list[float]],
                   args: argparse.Namespace) -> list[str]:
-    out = ["", f"### Score requests of {args.candidates} candidates from concurrent keep-alive "
-               f"clients, {args.seconds:g} s per repeat, medians (min - max) of "
-               f"{args.repeats}; the consumer fed {args.latency_rate:,} events/s meanwhile", "",
-           "| clients | server | p50, ms | p99, ms | requests/s | p99 inside the server, ms "
-           "| errors |", "|---:|---|---:|---:|---:|---:|---:|"]
-    for clients, (ours, base) in runs.items():
-        for name, r in (("`metarec serve`", ours), ("floor: same framework, no model", base)):
+    out = ["", f"### Score requests of {args.candidates} candidates, {args.seconds:g} s per "
+               f"repeat, medians (min - max) of {args.repeats}; the consumer fed "
+               f"{args.latency_rate:,} events/s meanwhile", "",
+           "| load | server | p50, ms | p99, ms | answered/s | p99 inside the server, ms | "
+           "consumer learned, labels/s | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (kind, level), (ours, base) in runs.items():
+        name = (f"{level:,.0f} requests/s (open loop)" if kind == "rate"
+                else f"{level:.0f} clients (closed loop)")
+        for server, r in (("`metarec serve`", ours), ("floor: same framework, no model", base)):
             inside = f"≤ {_median(r, 'inside_p99'):g}" if "inside_p99" in r[0] else ""
-            out.append(f"| {clients} | {name} | {_span(r, 'p50', '{:.2f}')} | "
-                       f"{_span(r, 'p99', '{:.2f}')} | {_span(r, 'rps', '{:,.0f}')} | {inside} | "
-                       f"{sum(x['errors'] for x in r):.0f} |")
-    out += ["", "Throughput ours/floor: " + ", ".join(
-        f"{c} client(s) {_median(o, 'rps') / _median(b, 'rps'):.2f}"
-        for c, (o, b) in runs.items()) + ". *Inside the server*: its own request histogram "
-        "(by bucket bound), from the app's entry to its response."]
+            learned = f"{statistics.median(kept[(kind, level)]):,.0f}" if r is ours else ""
+            out.append(f"| {name} | {server} | {_span(r, 'p50', '{:.2f}')} | "
+                       f"{_span(r, 'p99', '{:.2f}')} | {_span(r, 'rps', '{:,.0f}')} | {inside} "
+                       f"| {learned} | {sum(x['errors'] for x in r):.0f} |")
+    out += ["", "An open-loop latency counts from when the request was due. *Inside the "
+                "server*: its own request histogram (by bucket bound), from the app's entry "
+                "to its response. Closed loop, the load takes every core it can get, and "
+                "the consumer learns what is left."]
     return out
 
 
 def freshness_table(delays: list[float], args: argparse.Namespace) -> list[str]:
-    a = np.array(delays)
+    a = np.array(delays)  # inf: not served within PROBE_TIMEOUT
+    p50, p90 = (float(np.percentile(a, q, method="lower")) for q in (50, 90))
     return ["", f"### A label's delay to its user's served scores ({len(a)} probes, "
                 f"{args.rate:,} events/s of other users meanwhile)", "",
             "| p50, s | p90, s | max, s | within 2 s |", "|---:|---:|---:|---:|",
-            f"| {np.percentile(a, 50):.2f} | {np.percentile(a, 90):.2f} | {a.max():.2f} | "
+            f"| {p50:.2f} | {p90:.2f} | {a.max():.2f} | "
             f"{int((a <= 2.0).sum())} of {len(a)} |"]
 
 
@@ -460,15 +522,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--request-rates", type=lambda v: [float(c) for c in v.split(",")],
+                        default=[200.0, 500.0], help="open-loop request rates (per second)")
     parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")],
-                        default=[1, 2, 4], help="concurrent clients, comma-separated levels")
+                        default=[4], help="closed-loop concurrent clients")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--rate", type=int, default=5000,
                         help="events/s fed to the consumer while the probes run")
     parser.add_argument("--latency-rate", type=int, default=1000,
                         help="events/s fed to the consumer while the latency runs go")
-    parser.add_argument("--probes", type=int, default=40)
-    parser.add_argument("--probe-every", type=float, default=0.5)
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--probe-every", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.md"))
     args = parser.parse_args(argv)
     os.environ.setdefault("METAREC_LOG_LEVEL", "WARNING")

@@ -22,7 +22,6 @@ import gc
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,7 +76,6 @@ class LiveState:
         self._assembler = VersionAssembler()
         self._updates = UpdateLog(own={})
         self._pending: dict[tuple[str, int], _Transaction] = {}
-        self.skipped: Counter[str] = Counter()
         self._ready = threading.Event()
         self._started_at = time.monotonic()
         self._caught_up_at: float | None = None
@@ -86,6 +84,8 @@ class LiveState:
         self._tps: dict[str, list[TopicPartition]] = {}
         self._ends: dict[TopicPartition, int] = {}  # what "ready" waits for
         self._last_lag: dict[str, int] = {}
+        # read when scraped: a follower that stopped shows as growing staleness
+        metrics.staleness.set_function(lambda: self._staleness(time.monotonic()))
 
     # -- the follower --------------------------------------------------------------------
 
@@ -189,11 +189,10 @@ class LiveState:
         newest = self._assembler.newest
         if newest is not None and newest is not before:
             m = newest.manifest
-            if self.model is not None and m.config_hash == config_hash(
-                    self.settings.session.learner):
+            if m.config_hash == config_hash(self.settings.session.learner):
                 self._versions.append((m.version, m.lineage))
             else:
-                self.skipped["other_layout_version"] += 1
+                self._skip("other_layout_version")
                 log.warning("model version %d is of another layout (config hash %s): not "
                             "followed; restart the server with that version's settings",
                             m.version, m.config_hash)
@@ -221,9 +220,8 @@ class LiveState:
                                         _Transaction(time.monotonic(), timestamp_ms / 1000))
         pend.values.append((user, value, offset))
 
-    def _skip(self, reason: str) -> None:
-        self.skipped[reason] += 1
-        self.metrics.skipped.labels(reason).inc()
+    def _skip(self, reason: str, n: int = 1) -> None:
+        self.metrics.skipped.labels(reason).inc(n)
 
     def _apply(self, now: float) -> None:
         """Everything known committed, under the lock: θ's updates, then users."""
@@ -237,8 +235,7 @@ class LiveState:
                  if time.monotonic() - t.seen > UNCONFIRMED_SECONDS]
         for key in stale:
             n = len(self._pending.pop(key).values)
-            self.skipped["unconfirmed"] += n
-            self.metrics.skipped.labels("unconfirmed").inc(n)
+            self._skip("unconfirmed", n)
             log.warning("dropped %d user value(s) of transaction %s/%d, never confirmed "
                         "committed", n, *key)
         if not ready and not values:
@@ -246,8 +243,7 @@ class LiveState:
         values.sort(key=lambda v: v[2])
         decoded = self.model.decode_users(values)  # outside the lock: requests go on
         if decoded.refused:
-            self.skipped["bad_value"] += decoded.refused
-            self.metrics.skipped.labels("bad_value").inc(decoded.refused)
+            self._skip("bad_value", decoded.refused)
         with self._lock:
             for tag, delta in ready:
                 if delta is None:
@@ -289,7 +285,6 @@ class LiveState:
                      self._version)
         model = self.model
         assert model is not None
-        self.metrics.staleness.set(self._staleness(now))
         self.metrics.users.set(model.users)
         self.metrics.model_version.set(self._version or 0)
 

@@ -126,3 +126,12 @@ def test_damaged_values_and_deltas_are_refused_without_harm(
     with pytest.raises(DeltaError):
         live.apply_delta(bad)
     np.testing.assert_array_equal(live.score("u10", candidates).p, before)
+
+
+def test_a_server_holds_what_scoring_needs_and_no_task_rings(learned: Learned) -> None:
+    session, live, _ = learned
+    consumer = session.learner.users.bytes_per_user()
+    phi = SETTINGS.session.learner.model.phi_dim * 4
+    # fast weights, a label count, hashed features and a changelog position
+    assert phi < live.bytes_per_user() <= phi + 8 + 4 * 4 + 8
+    assert live.bytes_per_user() * 5 < consumer

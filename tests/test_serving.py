@@ -349,3 +349,23 @@ def test_the_server_rides_out_a_consumer_killed_mid_transaction(
         assert_served_as_logged(broker, topics, server, predictions, quiet)
     finally:
         stop(proc, log)
+
+
+def test_the_embedded_demo_ends_with_users_top_items_beside_a_new_users_scores() -> None:
+    """`./dev run`'s path: the embedded broker, a demo source, and at the end what
+    the server would answer for a few users."""
+    done = subprocess.run(metarec("run", "--demo-source", "synthetic", *MODEL),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "each user's top 5 of the 100 most shown items" in out, out
+    tables = out.split("\n  user ")[1:]
+    assert len(tables) == 3
+    for table in tables:
+        rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
+        assert len(rows) == 5
+        personal = [float(r[-2]) for r in rows]
+        fresh = [float(r[-1]) for r in rows]
+        assert personal == sorted(personal, reverse=True)
+        assert all(0 < p < 1 for p in personal + fresh)
+        assert personal != fresh  # the personal weights move the scores
