@@ -54,9 +54,9 @@ import msgspec
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from bench.durability import code_version
+from bench.durability import Group, code_version
 from streamer import kafka_io
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker, free_port
@@ -292,16 +292,13 @@ def bodies(users: list[str], items: list[str], candidates: int, n: int = 200) ->
 def status(url: str, bootstrap: str, topic: str, group: str) -> str:
     """The server's health, and how far the consumer group is behind the events."""
     h = httpx.get(url + "/health", timeout=5).json()
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    cons = KafkaConsumer(bootstrap_servers=bootstrap)
+    offsets, cons = Group(bootstrap), KafkaConsumer(bootstrap_servers=bootstrap)
     try:
-        committed = {tp: o.offset for tp, o in
-                     admin.list_group_offsets(group).get(group, {}).items()
-                     if tp.topic == topic and o.offset is not None and o.offset >= 0}
-        ends = cons.end_offsets(list(committed))
-        behind = sum(ends[tp] - offset for tp, offset in committed.items())
+        committed = offsets.committed(group, topic)
+        ends = cons.end_offsets([TopicPartition(topic, p) for p in committed])
+        behind = sum(ends[TopicPartition(topic, p)] - o for p, o in committed.items())
     finally:
-        admin.close()
+        offsets.close()
         cons.close()
     return (f"server {h['users']:,} users, {h['examples_learned']:,} labels, model version "
             f"{h['model_version']}, lag {sum(h['lag_records'].values())} records, staleness "

@@ -97,7 +97,6 @@ class Encoder:
             label=np.asarray(labels, dtype=np.float32),
         )
 
-
     def candidates(self, user_id: str, user_features: Mapping[str, FeatureValue],
                    context: dict[str, FeatureValue],
                    items: Sequence[tuple[str, Mapping[str, FeatureValue]]]) -> Candidates:

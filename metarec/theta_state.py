@@ -143,7 +143,6 @@ class ThetaState:
         self.learner.online.resync_items()
 
 
-
 def row_views(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """``tensors`` as 2-D numpy views, rows first, named ``<prefix>/<name>``: the
     arrays a delta names."""

@@ -15,6 +15,7 @@ answers 503.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, TypeVar
@@ -143,13 +144,10 @@ def create_app(state: LiveState, metrics: ServingMetrics, settings: ServeSetting
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse}})
     async def health() -> JSONResponse:
-        h = state.health()
-        body = HealthResponse(status="ready" if h.ready else "starting",
-                              model_version=h.model_version,
-                              examples_learned=h.examples_learned, users=h.users,
-                              lag_records=h.lag_records, staleness_seconds=h.staleness_seconds,
-                              updates_applied=h.updates_applied)
-        return JSONResponse(body.model_dump(), status_code=200 if h.ready else 503)
+        figures = dataclasses.asdict(state.health())
+        ready = figures.pop("ready")
+        body = HealthResponse(status="ready" if ready else "starting", **figures)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

@@ -106,7 +106,8 @@ class LiveState:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Caught up once, and still following."""
+        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
 
     def _load(self) -> None:
         s, k = self.settings, self.settings.kafka
@@ -320,9 +321,7 @@ class LiveState:
     def health(self) -> Health:
         model = self.model
         lag = {name: self._last_lag.get(name, -1) for name in self._tps}
-        return Health(self._ready.is_set() and self._thread is not None
-                      and self._thread.is_alive(),
-                      self._version, model.examples_learned if model else 0,
+        return Health(self.ready, self._version, model.examples_learned if model else 0,
                       model.users if model else 0, lag,
                       round(self._staleness(time.monotonic()), 3), self._updates_applied)
 
