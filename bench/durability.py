@@ -69,6 +69,7 @@ from kafka.errors import KafkaError
 from metarec.evaluation import auc
 from metarec.session import StreamSession
 from streamer import changelog, kafka_io, lineage
+from streamer.cluster import Cluster
 from streamer.config import LEAVES, Settings
 from streamer.durability import group_theta
 from streamer.embedded import EmbeddedBroker
@@ -151,8 +152,8 @@ def write_stream(bootstrap: str) -> Stream:
     impression's partition and offset."""
     settings = Settings.of(bootstrap_servers=bootstrap, events_topic=EVENTS_TOPIC,
                            partitions=PARTITIONS, durable_state=False)
-    kafka_io.ensure_topics(bootstrap, settings.kafka)
-    prod = kafka_io.producer(bootstrap)
+    kafka_io.ensure_topics(Cluster(bootstrap), settings.kafka)
+    prod = kafka_io.producer(Cluster(bootstrap))
     try:
         total = kafka_io.produce_records(prod, EVENTS_TOPIC, read_source("movielens-100k"))
     finally:
@@ -294,17 +295,17 @@ def final_state(bootstrap: str, settings: Settings, group: Group) -> tuple[dict[
     users = StreamSession(settings.session, durable=True)
     topic = k.changelog()
     stamps: dict[int, int | None] = dict(group.committed(k.group_id, topic))
-    found = changelog.restore(bootstrap, topic, list(range(PARTITIONS)), stamps,
+    found = changelog.restore(Cluster(bootstrap), topic, list(range(PARTITIONS)), stamps,
                               stall_seconds=5, own_id="bench.durability")
     committed = group.committed(k.group_id, EVENTS_TOPIC)
     for p, state in found.items():
         users.restore(p, state.values, committed.get(p, 0))
     store = users.learner.users
     learned = {u: int(store.learned[row]) for u, row in store.rows.items()}
-    start = lineage.newest(bootstrap, k.model_topic, settings.session.learner)
+    start = lineage.newest(Cluster(bootstrap), k.model_topic, settings.session.learner)
     theta = StreamSession(settings.session, start.theta, durable=True,
                           examples_learned=start.examples_learned)
-    group_theta(bootstrap, k, theta, start.lineage, Metrics(), "bench.durability")
+    group_theta(Cluster(bootstrap), k, theta, start.lineage, Metrics(), "bench.durability")
     return learned, int(theta.learner.examples_learned)
 
 

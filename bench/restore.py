@@ -50,6 +50,7 @@ from metarec.model import ModelConfig
 from metarec.records import Record
 from metarec.session import SessionConfig, StreamSession
 from streamer import changelog
+from streamer.cluster import Cluster
 from streamer.embedded import EmbeddedBroker
 from streamer.kafka_io import MAX_MESSAGE_BYTES
 from streamer.transactions import new_incarnation
@@ -215,15 +216,16 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
 def read_only(bootstrap: str, partitions: int) -> int:
     """Users' values read (markers aside)."""
     n = 0
-    for msg in read_to_end(bootstrap, [TopicPartition(TOPIC, p) for p in range(partitions)],
-                           start={}, stall_seconds=10.0, own_id="bench.restore.reader"):
+    tps = [TopicPartition(TOPIC, p) for p in range(partitions)]
+    for msg in read_to_end(Cluster(bootstrap), tps, start={}, stall_seconds=10.0,
+                           own_id="bench.restore.reader"):
         n += not (msg.key or b"").startswith(changelog.MARKER)
     return n
 
 
 def restore_changelog(bootstrap: str, partitions: int,
                       committed: dict[int, Any]) -> dict[int, changelog.PartitionState]:
-    return changelog.restore(bootstrap, TOPIC, list(range(partitions)),
+    return changelog.restore(Cluster(bootstrap), TOPIC, list(range(partitions)),
                              dict(committed), stall_seconds=10.0,
                              own_id="bench.restore.reader")
 

@@ -367,8 +367,8 @@ def run(args: argparse.Namespace) -> list[str]:
                                model_topic=f"bench-model-{tag}", dlq_topic=f"bench-dlq-{tag}",
                                drift_topic=f"bench-drift-{tag}", group_id=f"bench-{tag}",
                                partitions=PARTITIONS)
-        kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
-        prod = kafka_io.producer(broker.bootstrap)
+        kafka_io.ensure_topics(broker.cluster, settings.kafka)
+        prod = kafka_io.producer(broker.cluster)
         n = kafka_io.produce_records(prod, f"bench-ev-{tag}", read_source("movielens-100k"))
         prod.close()
         logs = Path(tempfile.mkdtemp(prefix="bench-serving-"))

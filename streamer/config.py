@@ -14,6 +14,7 @@ if both are set). Names are case-insensitive.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import socket
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -102,6 +103,124 @@ class KafkaSettings(BaseModel):
         return f"{self.group_id}.{self.instance_id or socket.gethostname()}"
 
 
+class SecurityProtocol(enum.StrEnum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(enum.StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+    OAUTHBEARER = "OAUTHBEARER"
+
+
+def read_secret(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret's current value: its variable, or its file without the trailing
+    newline (read each time: a rotated secret file is picked up)."""
+    if value is not None:
+        return value.get_secret_value()
+    return None if file is None else file.read_text().rstrip("\r\n")
+
+
+def _file_problems(model: BaseModel, secrets: dict[str, str], files: tuple[str, ...],
+                   flat_prefix: str = "") -> Iterator[str]:
+    """A secret given both ways, and files that cannot be read. ``secrets``: each
+    secret field and the field of its file; ``files``: the other file fields."""
+    for secret, file in secrets.items():
+        if getattr(model, secret) is not None and getattr(model, file) is not None:
+            yield (f"give METAREC_{(flat_prefix + secret).upper()} or "
+                   f"--{(flat_prefix + file).replace('_', '-')}, not both")
+    for name in (*secrets.values(), *files):
+        path = getattr(model, name)
+        if path is not None and not os.access(path, os.R_OK):
+            yield f"--{(flat_prefix + name).replace('_', '-')}: cannot read {path}"
+
+
+class SecuritySettings(BaseModel):
+    """How every Kafka client connects: TLS, SASL and their credentials."""
+
+    security_protocol: SecurityProtocol = Field(
+        SecurityProtocol.PLAINTEXT, description="how clients talk to the brokers: PLAINTEXT, "
+        "SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)")
+    sasl_mechanism: SaslMechanism | None = Field(
+        None, description="SASL mechanism (SASL_* protocols): PLAIN, SCRAM-SHA-256, "
+        "SCRAM-SHA-512 or OAUTHBEARER")
+    sasl_username: str | None = Field(None, description="SASL user (PLAIN, SCRAM-*)")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password: only from the environment, or the file of "
+        "--sasl-password-file")
+    sasl_password_file: Path | None = Field(
+        None, description="file holding the SASL password (or METAREC_SASL_PASSWORD); read "
+        "whenever a client connects, so a rotated secret is picked up")
+    sasl_oauth_token_provider: str | None = Field(
+        None, description="OAUTHBEARER: module:name of a token provider (a subclass of "
+        "kafka.net.sasl.oauth.AbstractTokenProvider, made with no arguments, or an instance)")
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CAs that sign the brokers' certificates (default: "
+        "the system's)")
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of the client "
+                                     "certificate")
+    ssl_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted client key: only from the environment, or "
+        "the file of --ssl-key-password-file")
+    ssl_key_password_file: Path | None = Field(
+        None, description="file holding the client key's password (or METAREC_SSL_KEY_PASSWORD)")
+    ssl_check_hostname: bool = Field(
+        True, description="check that a broker's certificate names the host connected to")
+    connect_timeout_seconds: float = Field(
+        15.0, gt=0, le=600, description="at start-up, fail (exit code 4) when the cluster has "
+        "not been reached, trusted and authenticated to within this long")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL)
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol in (SecurityProtocol.SASL_PLAINTEXT,
+                                          SecurityProtocol.SASL_SSL)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySettings:
+        problems = [*self._sasl_problems(), *_file_problems(
+            self, {"sasl_password": "sasl_password_file",
+                   "ssl_key_password": "ssl_key_password_file"},
+            ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))]
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            problems.append("--ssl-keyfile needs --ssl-certfile")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _sasl_problems(self) -> Iterator[str]:
+        if not self.sasl:
+            if self.sasl_mechanism is not None:
+                yield (f"--sasl-mechanism needs a SASL --security-protocol (SASL_SSL or "
+                       f"SASL_PLAINTEXT), not {self.security_protocol.value}")
+            return
+        if self.sasl_mechanism is None:
+            yield f"--security-protocol {self.security_protocol.value} needs --sasl-mechanism"
+        elif self.sasl_mechanism is SaslMechanism.OAUTHBEARER:
+            if not self.sasl_oauth_token_provider:
+                yield "--sasl-mechanism OAUTHBEARER needs --sasl-oauth-token-provider"
+        else:
+            if not self.sasl_username:
+                yield f"--sasl-mechanism {self.sasl_mechanism.value} needs --sasl-username"
+            if self.sasl_password is None and self.sasl_password_file is None:
+                yield (f"--sasl-mechanism {self.sasl_mechanism.value} needs a password: "
+                       "METAREC_SASL_PASSWORD or --sasl-password-file")
+
+    def password(self) -> str | None:
+        return read_secret(self.sasl_password, self.sasl_password_file)
+
+    def key_password(self) -> str | None:
+        return read_secret(self.ssl_key_password, self.ssl_key_password_file)
+
+
 class ReplaySettings(BaseModel):
     """What part of a historical log to replay, how fast, and where its outputs go."""
 
@@ -174,6 +293,29 @@ class ServeSettings(BaseModel):
                                    "bodies are refused (413)")
     poll_ms: int = Field(50, ge=1, description="serve: how long one poll of the topics waits "
                          "for records (the server's part of a label's delay to its scores)")
+    tls_certfile: Path | None = Field(
+        None, description="serve: PEM certificate (chain) to serve HTTPS with; with "
+        "--serve-tls-keyfile")
+    tls_keyfile: Path | None = Field(None, description="serve: PEM private key of "
+                                     "--serve-tls-certfile")
+    token: SecretStr | None = Field(
+        None, description="serve: bearer token every /v1 request must carry (Authorization: "
+        "Bearer ...); only from the environment, or the file of --serve-token-file")
+    token_file: Path | None = Field(
+        None, description="serve: file holding the API's bearer token (or METAREC_SERVE_TOKEN)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        problems = list(_file_problems(self, {"token": "token_file"},
+                                       ("tls_certfile", "tls_keyfile"), "serve_"))
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            problems.append("--serve-tls-certfile and --serve-tls-keyfile go together")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def api_token(self) -> str | None:
+        return read_secret(self.token, self.token_file)
 
 
 #: the prefix of each section's flat names
@@ -248,6 +390,7 @@ class Settings(BaseSettings):
                                       extra="ignore")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     session: SessionConfig = Field(default_factory=SessionConfig)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
@@ -261,6 +404,19 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _FlatEnvironment(settings_cls), env_settings
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret of these settings replaced by ``***`` (for
+        messages that quote a client, a broker or an exception)."""
+        for read in (self.security.password, self.security.key_password,
+                     self.serve.api_token):
+            try:
+                secret = read()
+            except OSError:  # a secret file gone since start-up: nothing to hide of it
+                continue
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     @classmethod
     def of(cls, **flat: Any) -> Settings:

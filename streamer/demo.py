@@ -11,6 +11,7 @@ import numpy as np
 
 from metarec.datasets import movielens
 from metarec.events import FeatureValue, Impression, decode_event
+from streamer.cluster import Cluster
 from streamer.config import Settings
 from streamer.live_state import LiveState
 from streamer.serving_metrics import ServingMetrics
@@ -20,7 +21,7 @@ from streamer.sources import read_source
 CANDIDATES = 300
 
 
-def show_personalisation(bootstrap: str, settings: Settings, source: str, *,
+def show_personalisation(cluster: Cluster, settings: Settings, source: str, *,
                          users: int = 3, top: int = 5,
                          out: Callable[[str], None] = print) -> None:
     shown: Counter[str] = Counter()
@@ -37,7 +38,7 @@ def show_personalisation(bootstrap: str, settings: Settings, source: str, *,
         user_features.setdefault(event.user_id, event.user_features)
     titles = movielens.titles() if source == "movielens-100k" else {}
     candidates = [(item, item_features[item]) for item, _ in shown.most_common(CANDIDATES)]
-    state = LiveState(bootstrap, settings, ServingMetrics())
+    state = LiveState(cluster, settings, ServingMetrics())
     state.start()
     try:
         if not state.wait_ready(120):

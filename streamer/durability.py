@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from metarec.session import StreamSession
 from metarec.theta_state import Delta, DeltaError
 from streamer import changelog
+from streamer.cluster import Cluster
 from streamer.config import KafkaSettings
 from streamer.gc_pause import gc_paused
 from streamer.metrics import Metrics
@@ -34,15 +35,15 @@ log = logging.getLogger("metarec.state")
 
 
 class DurableState:
-    def __init__(self, bootstrap: str, kafka: KafkaSettings, update_log: UpdateLog,
+    def __init__(self, cluster: Cluster, kafka: KafkaSettings, update_log: UpdateLog,
                  metrics: Metrics, incarnation: str, writer: ModelWriter,
                  notifier: KafkaProducer):
-        self.bootstrap, self.kafka, self.metrics = bootstrap, kafka, metrics
+        self.cluster, self.kafka, self.metrics = cluster, kafka, metrics
         self.writer = writer
         self.update_log = update_log
-        self.committer = Committer(bootstrap, kafka, update_log, metrics, incarnation,
+        self.committer = Committer(cluster, kafka, update_log, metrics, incarnation,
                                    notifier)
-        self.follower = UpdateFollower(bootstrap, kafka.updates(), update_log,
+        self.follower = UpdateFollower(cluster, kafka.updates(), update_log,
                                        stall_seconds=kafka.stalled_transaction_seconds,
                                        own_id=self.committer.transactional_id)
         self._to_restore: set[TopicPartition] = set()
@@ -110,7 +111,7 @@ class DurableState:
         topic = self.kafka.changelog()
         stamps = {tp.partition: consumer.committed(TopicPartition(topic, tp.partition),
                                                    timeout_ms=timeout) for tp in tps}
-        found = changelog.restore(self.bootstrap, topic, [tp.partition for tp in tps], stamps,
+        found = changelog.restore(self.cluster, topic, [tp.partition for tp in tps], stamps,
                                   stall_seconds=self.kafka.stalled_transaction_seconds,
                                   own_id=self.committer.transactional_id)
         users = 0
@@ -188,14 +189,14 @@ def apply_updates(session: StreamSession, ready: list[tuple[Tag, Delta | None]],
     return n
 
 
-def group_theta(bootstrap: str, kafka: KafkaSettings, session: StreamSession, lineage: Lineage,
+def group_theta(cluster: Cluster, kafka: KafkaSettings, session: StreamSession, lineage: Lineage,
                 metrics: Metrics, incarnation: str) -> UpdateLog:
     """θ of the group into ``session`` (already holding the model version of
     ``lineage``): every committed update of every member that it does not hold.
     The returned log goes on from there, under ``incarnation`` of this process."""
     update_log = UpdateLog(own={incarnation: 0})
     update_log.applied.update(lineage.applied)
-    catch_up(bootstrap, kafka.updates(), update_log, start=lineage.updates_offset,
+    catch_up(cluster, kafka.updates(), update_log, start=lineage.updates_offset,
              stall_seconds=kafka.stalled_transaction_seconds, own_id=kafka.transactional_id())
     apply_updates(session, update_log.ready(), update_log, metrics)
     return update_log

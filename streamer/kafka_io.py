@@ -13,6 +13,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
 from metarec.records import DeadLetter, Record
+from streamer.cluster import Cluster
 from streamer.config import FETCH_MAX_WAIT_MS, KafkaSettings
 from streamer.errors import MissingTopicError
 
@@ -26,7 +27,7 @@ MAX_MESSAGE_BYTES = 1_000_000
 SETTLE_MS = 1500
 
 
-def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> None:
+def ensure_topics(cluster: Cluster, kafka: KafkaSettings) -> None:
     """Create the topics explicitly (some brokers auto-create with other layouts).
     The model topic has one partition: its order is the version order."""
     wanted = {
@@ -35,7 +36,7 @@ def ensure_topics(bootstrap: str, kafka: KafkaSettings) -> None:
         kafka.model_topic: 1,
         kafka.drift_topic: 1,
     }
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = cluster.admin()
     try:
         existing = set(admin.list_topics())
         _create(admin, existing, wanted)
@@ -63,16 +64,14 @@ def _create(admin: KafkaAdminClient, existing: set[str], wanted: dict[str, int],
             pass
 
 
-def producer(bootstrap: str) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+def producer(cluster: Cluster) -> KafkaProducer:
+    return cluster.producer(acks="all", linger_ms=5,
                          batch_size=256 * 1024, max_request_size=2 * MAX_MESSAGE_BYTES)
 
 
-def group_consumer(bootstrap: str, kafka: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
+def group_consumer(cluster: Cluster, kafka: KafkaSettings, max_poll_records: int) -> KafkaConsumer:
     """A member of ``kafka.group_id`` that commits by hand."""
-    return KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=kafka.group_id,
+    return cluster.consumer(group_id=kafka.group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         session_timeout_ms=kafka.session_timeout_ms,
@@ -130,7 +129,7 @@ class TopicRange(NamedTuple):
     to_offset: int | None = None
 
 
-def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
+def read_range(cluster: Cluster, topic: str, rng: TopicRange | None = None, *,
                max_records: int = 2000, missing_ok: bool = False,
                headers: bool = False) -> Iterator[TopicPoll]:
     """A topic range (to its end: read on until quiet for :data:`SETTLE_MS`). No
@@ -138,7 +137,7 @@ def read_range(bootstrap: str, topic: str, rng: TopicRange | None = None, *,
     that does not exist raises :class:`MissingTopicError`, or with ``missing_ok``
     yields nothing. ``headers``: keep the records' headers."""
     # earliest: a start offset that retention has deleted means the first record kept
-    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    cons = cluster.consumer(group_id=None, enable_auto_commit=False,
                          auto_offset_reset="earliest", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                          max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
     try:

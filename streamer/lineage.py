@@ -17,6 +17,7 @@ from metarec import snapshot
 from metarec.learner import LearnerConfig
 from metarec.model import Theta, theta_shapes
 from metarec.session import config_hash
+from streamer.cluster import Cluster
 from streamer.errors import SourceError
 from streamer.model_topic import Lineage, read_versions
 
@@ -39,11 +40,11 @@ class Start:
     examples_learned: int = 0
 
 
-def newest(bootstrap: str, topic: str, config: LearnerConfig) -> Start:
+def newest(cluster: Cluster, topic: str, config: LearnerConfig) -> Start:
     """The start of ``run``: the newest version of this layout (config hash), else
     the newest whose shapes fit (a version published before hashes named the
     layout), else a fresh lineage; numbered after the newest version of any."""
-    found = read_versions(bootstrap, topic)
+    found = read_versions(cluster, topic)
     if found.newest is None:
         log.info("no model version on %s: starting from a fresh initialisation", topic)
         return Start()
@@ -70,9 +71,9 @@ def newest(bootstrap: str, topic: str, config: LearnerConfig) -> Start:
     return Start(last_version=last, epoch=found.epoch)
 
 
-def exact(bootstrap: str, topic: str, version: int, config: LearnerConfig) -> Start:
+def exact(cluster: Cluster, topic: str, version: int, config: LearnerConfig) -> Start:
     """The start of ``replay --model-version``: that version, or a clear error."""
-    found = read_versions(bootstrap, topic, want=version).newest
+    found = read_versions(cluster, topic, want=version).newest
     if found is None:
         raise SourceError(f"model version {version} is not on {topic} (complete and intact)")
     try:

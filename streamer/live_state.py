@@ -32,6 +32,7 @@ from metarec.model import init_theta
 from metarec.session import config_hash
 from streamer import kafka_io, lineage
 from streamer.changelog import CONFIRMED, MARKER
+from streamer.cluster import Cluster
 from streamer.config import Settings
 from streamer.kafka_io import MAX_MESSAGE_BYTES
 from streamer.model_topic import Lineage, VersionAssembler
@@ -65,8 +66,8 @@ class _Transaction:
 
 
 class LiveState:
-    def __init__(self, bootstrap: str, settings: Settings, metrics: ServingMetrics):
-        self.bootstrap, self.settings, self.metrics = bootstrap, settings, metrics
+    def __init__(self, cluster: Cluster, settings: Settings, metrics: ServingMetrics):
+        self.cluster, self.settings, self.metrics = cluster, settings, metrics
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,8 +112,8 @@ class LiveState:
 
     def _load(self) -> None:
         s, k = self.settings, self.settings.kafka
-        kafka_io.ensure_topics(self.bootstrap, k)
-        cons = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+        kafka_io.ensure_topics(self.cluster, k)
+        cons = self.cluster.consumer(group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              isolation_level="read_uncommitted",
                              # fewer, fuller fetches: each costs the requests' thread
@@ -121,7 +122,7 @@ class LiveState:
         model_tp = TopicPartition(k.model_topic, 0)
         # versions published from here on are followed; the newest before is loaded
         model_end = cons.end_offsets([model_tp])[model_tp]
-        start = lineage.newest(self.bootstrap, k.model_topic, s.session.learner)
+        start = lineage.newest(self.cluster, k.model_topic, s.session.learner)
         learner = s.session.learner
         theta = start.theta if start.theta is not None else init_theta(learner.model,
                                                                        learner.seed)

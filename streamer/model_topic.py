@@ -31,6 +31,7 @@ from kafka import KafkaProducer, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metarec.snapshot import SCHEMA
+from streamer.cluster import Cluster
 from streamer.errors import ModelTopicError
 from streamer.kafka_io import MAX_MESSAGE_BYTES, read_range
 from streamer.txn_log import read_to_end
@@ -266,7 +267,7 @@ class VersionAssembler:
             del self.chunks[old]  # leftovers of abandoned versions
 
 
-def read_versions(bootstrap_servers: str, topic: str, *,
+def read_versions(cluster: Cluster, topic: str, *,
                   want: int | None = None, settle: bool = True) -> VersionAssembler:
     """Read the whole model topic (no consumer group, nothing committed). Without
     ``settle``, only to the end the broker reports now (no wait for a late batch:
@@ -274,11 +275,11 @@ def read_versions(bootstrap_servers: str, topic: str, *,
     assembler = VersionAssembler(want)
     if not settle:
         tp = TopicPartition(topic, 0)
-        for msg in read_to_end(bootstrap_servers, [tp], start={}, stall_seconds=math.inf,
+        for msg in read_to_end(cluster, [tp], start={}, stall_seconds=math.inf,
                                own_id=""):
             assembler.add(msg.key, msg.value, msg.headers)
         return assembler
-    for poll in read_range(bootstrap_servers, topic, max_records=500, missing_ok=True,
+    for poll in read_range(cluster, topic, max_records=500, missing_ok=True,
                            headers=True):
         for rec in poll.records:
             assembler.add(rec.key, rec.value, rec.headers)

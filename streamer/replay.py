@@ -24,6 +24,8 @@ from metarec.evaluation import K_BUCKETS, bucket_label
 from metarec.records import Record
 from metarec.session import StreamSession
 from streamer import kafka_io, lineage
+from streamer.cluster import Cluster
+from streamer.cluster_check import connect
 from streamer.config import Settings
 from streamer.errors import SourceError
 from streamer.kafka_io import TopicPoll, TopicRange
@@ -75,28 +77,31 @@ def _start(settings: Settings) -> lineage.Start:
     version = settings.replay.model_version
     if version is None:
         return lineage.Start()
+    return lineage.exact(_cluster(settings, "--model-version"), settings.kafka.model_topic,
+                         version, settings.session.learner)
+
+
+def _cluster(settings: Settings, what: str) -> Cluster:
     if settings.kafka.bootstrap_servers is None:
-        raise SourceError("--model-version needs --bootstrap-servers (the model topic)")
-    return lineage.exact(settings.kafka.bootstrap_servers, settings.kafka.model_topic, version,
-                         settings.session.learner)
+        raise SourceError(f"{what} needs --bootstrap-servers")
+    return connect(settings)
 
 
 def _model_sink(settings: Settings, stack: ExitStack) -> tuple[ModelSink, int | None] | None:
     """Where ``--models-out`` goes, and the newest version already there (the
     replay's versions are numbered after it, so none is shadowed or overwritten)."""
-    target, bootstrap = settings.replay.models_out, settings.kafka.bootstrap_servers
+    target = settings.replay.models_out
     if target is None:
         return None
     if not target.startswith("kafka:"):
         sink = DirectorySink(Path(target))
         return sink, sink.newest()
-    if bootstrap is None:
-        raise SourceError("--models-out kafka:TOPIC needs --bootstrap-servers")
+    cluster = _cluster(settings, "--models-out kafka:TOPIC")
     topic = target.removeprefix("kafka:")
-    kafka_io.ensure_topics(bootstrap, settings.kafka.model_copy(update={"model_topic": topic}))
-    prod = kafka_io.producer(bootstrap)
+    kafka_io.ensure_topics(cluster, settings.kafka.model_copy(update={"model_topic": topic}))
+    prod = kafka_io.producer(cluster)
     stack.callback(prod.close)
-    newest = read_versions(bootstrap, topic).newest
+    newest = read_versions(cluster, topic).newest
     return (TopicSink(prod, topic, settings.publish.model_chunk_bytes),
             None if newest is None else newest.manifest.version)
 
@@ -171,13 +176,10 @@ def _source(source: str, s: Settings) -> Source:
     rng = TopicRange(from_ms=None if r.from_time is None else int(r.from_time * 1000),
                      from_offset=r.from_offset, to_offset=r.to_offset)
     batch = s.session.max_batch_records
-    bootstrap = s.kafka.bootstrap_servers
     found: Source
     if source.startswith("kafka:"):
-        if bootstrap is None:
-            raise SourceError("a kafka: source needs --bootstrap-servers")
-        found = TopicRangeSource(read_topic_batches(bootstrap, source.removeprefix("kafka:"),
-                                                    rng), batch)
+        found = TopicRangeSource(read_topic_batches(_cluster(s, "a kafka: source"),
+                                                    source.removeprefix("kafka:"), rng), batch)
     else:
         found = RecordSource(read_source(source), batch)
     return found if r.speed is None else Paced(found, r.speed)

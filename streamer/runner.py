@@ -21,6 +21,7 @@ from types import FrameType
 
 from metarec.session import StreamSession
 from streamer import kafka_io, lineage
+from streamer.cluster import Cluster
 from streamer.config import Settings
 from streamer.durability import DurableState, group_theta
 from streamer.group_source import GroupSource
@@ -60,9 +61,9 @@ class RunSummary:
 
 
 class Runner:
-    def __init__(self, settings: Settings, bootstrap: str, metrics: Metrics | None = None):
+    def __init__(self, settings: Settings, cluster: Cluster, metrics: Metrics | None = None):
         self.settings = settings
-        self.bootstrap = bootstrap
+        self.cluster = cluster
         self.metrics = metrics or Metrics()
         self.stopping = False
         self._source: GroupSource | None = None
@@ -88,8 +89,8 @@ class Runner:
 
     def run(self) -> RunSummary:
         s, k = self.settings, self.settings.kafka
-        kafka_io.ensure_topics(self.bootstrap, k)
-        start = lineage.newest(self.bootstrap, k.model_topic, s.session.learner)
+        kafka_io.ensure_topics(self.cluster, k)
+        start = lineage.newest(self.cluster, k.model_topic, s.session.learner)
         if start.parent is not None:
             self.metrics.model_version.set(start.parent)
         session = StreamSession(s.session, start.theta, event_times=s.replay.event_times(),
@@ -97,7 +98,7 @@ class Runner:
                                 examples_learned=start.examples_learned)
         update_log, incarnation = None, new_incarnation()
         if k.durable_state:
-            update_log = group_theta(self.bootstrap, k, session, start.lineage, self.metrics,
+            update_log = group_theta(self.cluster, k, session, start.lineage, self.metrics,
                                      incarnation)
             log.info("θ: model version %s and the group's later updates (%d examples)",
                      start.parent or "none (fresh)", session.learner.examples_learned)
@@ -123,9 +124,9 @@ class Runner:
         """The group member's loop, its clients closed at the end."""
         s, k = self.settings, self.settings.kafka
         with ExitStack() as stack:
-            prod = kafka_io.producer(self.bootstrap)
+            prod = kafka_io.producer(self.cluster)
             stack.callback(prod.close, timeout=s.ops.shutdown_timeout_seconds)
-            cons = kafka_io.group_consumer(self.bootstrap, k, k.max_poll_records)
+            cons = kafka_io.group_consumer(self.cluster, k, k.max_poll_records)
             stack.callback(cons.close)
             publisher = Publisher(TopicSink(prod, k.model_topic, s.publish.model_chunk_bytes),
                                   s.publish.publish_every, last_version=start.last_version,
@@ -133,9 +134,9 @@ class Runner:
                                   background=True, on_published=self._published)
             durable = None
             if update_log is not None:
-                writer = ModelWriter(self.bootstrap, k.events_topic, k.model_topic, publisher,
+                writer = ModelWriter(self.cluster, k.events_topic, k.model_topic, publisher,
                                      update_log)
-                durable = DurableState(self.bootstrap, k, update_log, self.metrics, incarnation,
+                durable = DurableState(self.cluster, k, update_log, self.metrics, incarnation,
                                        writer, prod)
             source = self._source = GroupSource(
                 cons, k, max_records=k.max_poll_records,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Iterator
 
 import uvicorn
 
-from streamer.config import Settings
+from streamer.cluster import Cluster
+from streamer.config import ServeSettings, Settings
+from streamer.errors import ConfigError
 from streamer.http_api import create_app
 from streamer.live_state import LiveState
 from streamer.serving_metrics import ServingMetrics
@@ -39,16 +42,32 @@ class _Server(uvicorn.Server):
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-def serve(settings: Settings, bootstrap: str) -> int:
+def check_tls(s: ServeSettings) -> None:
+    """A certificate and key the HTTPS server can load, or a :class:`ConfigError`
+    (before the server starts: uvicorn would fail with a traceback)."""
+    if s.tls_certfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            s.tls_certfile, s.tls_keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot serve HTTPS with --serve-tls-certfile {s.tls_certfile} and "
+                          f"--serve-tls-keyfile {s.tls_keyfile}: {exc}") from None
+
+
+def serve(settings: Settings, cluster: Cluster) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     metrics = ServingMetrics()
-    state = LiveState(bootstrap, settings, metrics)
+    state = LiveState(cluster, settings, metrics)
     state.start()
     s = settings.serve
     app = create_app(state, metrics, s)
-    server = _Server(uvicorn.Config(app, host=s.host, port=s.port, lifespan="off",
-                                    access_log=False, log_level="warning"))
-    log.info("serving on http://%s:%d (API schema at /docs, health at /health)", s.host, s.port)
+    server = _Server(uvicorn.Config(
+        app, host=s.host, port=s.port, lifespan="off", access_log=False, log_level="warning",
+        ssl_certfile=s.tls_certfile, ssl_keyfile=s.tls_keyfile))
+    log.info("serving on %s://%s:%d (API schema at /docs, health at /health; %s)",
+             "http" if s.tls_certfile is None else "https", s.host, s.port,
+             "bearer token required on /v1" if s.token or s.token_file else "no token")
     try:
         server.run()
     finally:

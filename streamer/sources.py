@@ -33,6 +33,7 @@ from pydantic_core import from_json
 from metarec.datasets import movielens
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.records import Record
+from streamer.cluster import Cluster
 from streamer.errors import MissingTopicError, SourceError
 from streamer.kafka_io import TopicPoll, TopicRange, read_range
 
@@ -343,10 +344,10 @@ def _jsonable(value: Any) -> Any:
 _to_json = json.JSONEncoder(default=_jsonable).encode
 
 
-def read_topic_batches(bootstrap: str, topic: str, rng: TopicRange) -> Iterator[TopicPoll]:
+def read_topic_batches(cluster: Cluster, topic: str, rng: TopicRange) -> Iterator[TopicPoll]:
     """A topic range a poll at a time (:func:`streamer.kafka_io.read_range`)."""
     try:
-        yield from read_range(bootstrap, topic, rng)
+        yield from read_range(cluster, topic, rng)
     except MissingTopicError as exc:
         raise SourceError(str(exc)) from exc
 

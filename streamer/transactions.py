@@ -28,6 +28,7 @@ from kafka.structs import OffsetAndMetadata
 
 from metarec.session import Checkpoint, StreamSession
 from streamer import changelog, updates
+from streamer.cluster import Cluster
 from streamer.config import KafkaSettings
 from streamer.kafka_io import MAX_MESSAGE_BYTES
 from streamer.metrics import Metrics
@@ -44,10 +45,10 @@ def new_incarnation() -> str:
 class Committer:
     """One transactional producer, and the sequence of its transactions."""
 
-    def __init__(self, bootstrap: str, kafka: KafkaSettings, update_log: UpdateLog,
+    def __init__(self, cluster: Cluster, kafka: KafkaSettings, update_log: UpdateLog,
                  metrics: Metrics, incarnation: str, notifier: KafkaProducer):
         """``notifier``: a producer outside transactions, for the confirmations."""
-        self.bootstrap, self.kafka, self.metrics = bootstrap, kafka, metrics
+        self.cluster, self.kafka, self.metrics = cluster, kafka, metrics
         self.transactional_id = kafka.transactional_id()
         self.update_log = update_log
         self.notifier = notifier
@@ -67,8 +68,7 @@ class Committer:
     def _open(self) -> None:
         """A producer of this member's transactional id: starting it aborts what an
         earlier one (a crashed run of this member) left open."""
-        self.producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap, transactional_id=self.transactional_id,
+        self.producer = self.cluster.producer(transactional_id=self.transactional_id,
             acks="all", linger_ms=5, batch_size=256 * 1024,
             max_request_size=2 * MAX_MESSAGE_BYTES,
             transaction_timeout_ms=max(60_000, 4 * self.kafka.session_timeout_ms))

@@ -30,9 +30,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from streamer.cluster import Cluster
 from streamer.config import FETCH_MAX_WAIT_MS
 from streamer.kafka_io import MAX_MESSAGE_BYTES
 
@@ -92,21 +93,21 @@ class Confirmed(dict[str, int]):
         return tag.seq <= self.get(tag.incarnation, 0)
 
 
-def reader(bootstrap: str) -> KafkaConsumer:
+def reader(cluster: Cluster) -> KafkaConsumer:
     """A consumer of committed records only, outside any group."""
-    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    return cluster.consumer(group_id=None, enable_auto_commit=False,
                          auto_offset_reset="earliest", isolation_level="read_committed",
                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                          max_partition_fetch_bytes=2 * MAX_MESSAGE_BYTES)
 
 
-def read_to_end(bootstrap: str, tps: list[TopicPartition], *, start: dict[TopicPartition, int],
+def read_to_end(cluster: Cluster, tps: list[TopicPartition], *, start: dict[TopicPartition, int],
                 stall_seconds: float, own_id: str) -> Iterator[Any]:
     """Every committed record of ``tps`` from ``start`` (default: the log start) to
     the end of the log as it is now, each partition in its order. A transaction
     that keeps a partition's end from being readable for ``stall_seconds`` is
     aborted (:func:`abort_open`)."""
-    cons = reader(bootstrap)
+    cons = reader(cluster)
     try:
         cons.assign(tps)
         for tp in tps:
@@ -116,7 +117,7 @@ def read_to_end(bootstrap: str, tps: list[TopicPartition], *, start: dict[TopicP
                 cons.seek_to_beginning(tp)
         # the log's end for a reader of everything (a transaction still open
         # ends the part a committed reader can read before this)
-        ends = _high_watermarks(bootstrap, tps)
+        ends = _high_watermarks(cluster, tps)
         left = set(tps)
         stalled_since: dict[TopicPartition, float] = {}
         quiet_since = time.monotonic()
@@ -136,7 +137,7 @@ def read_to_end(bootstrap: str, tps: list[TopicPartition], *, start: dict[TopicP
                 elif tp not in polled:
                     since = stalled_since.setdefault(tp, now)
                     if now - since >= stall_seconds:
-                        abort_open(bootstrap, tp, position, own_id)
+                        abort_open(cluster, tp, position, own_id)
                         stalled_since.pop(tp)
                 else:
                     stalled_since.pop(tp, None)
@@ -144,8 +145,8 @@ def read_to_end(bootstrap: str, tps: list[TopicPartition], *, start: dict[TopicP
         cons.close()
 
 
-def _high_watermarks(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+def _high_watermarks(cluster: Cluster, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    cons = cluster.consumer(group_id=None, enable_auto_commit=False)
     try:
         ends: dict[TopicPartition, int] = cons.end_offsets(tps)
         return ends
@@ -153,11 +154,11 @@ def _high_watermarks(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPar
         cons.close()
 
 
-def abort_open(bootstrap: str, tp: TopicPartition, offset: int, own_id: str) -> None:
+def abort_open(cluster: Cluster, tp: TopicPartition, offset: int, own_id: str) -> None:
     """Abort the transaction whose record at ``offset`` of ``tp`` keeps committed
     readers waiting, by starting a producer of its transactional id (what a
     restart of its member would do)."""
-    cons = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    cons = cluster.consumer(group_id=None, enable_auto_commit=False,
                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
     tag = None
     try:
@@ -177,8 +178,7 @@ def abort_open(bootstrap: str, tp: TopicPartition, offset: int, own_id: str) -> 
     log.warning("%s: member %s left a transaction open at offset %d: aborting it",
                 tp, tag.transactional_id, offset)
     try:
-        fencer = KafkaProducer(bootstrap_servers=bootstrap,
-                               transactional_id=tag.transactional_id)
+        fencer = cluster.producer(transactional_id=tag.transactional_id)
         fencer.init_transactions()
         fencer.close(timeout=5)
     except KafkaError as exc:

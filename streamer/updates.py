@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, TopicPartition
 
 from metarec.theta_state import Delta, DeltaError
+from streamer.cluster import Cluster
 from streamer.txn_log import Confirmed, Tag, abort_open, read_to_end, reader
 
 log = logging.getLogger("metarec.updates")
@@ -149,12 +150,12 @@ class UpdateLog:
         return min((p.offset for p in self._pending.values()), default=self.position)
 
 
-def catch_up(bootstrap: str, topic: str, updates: UpdateLog, *, start: int,
+def catch_up(cluster: Cluster, topic: str, updates: UpdateLog, *, start: int,
              stall_seconds: float, own_id: str) -> None:
     """Read the updates topic from ``start`` to its end into ``updates``."""
     tp = TopicPartition(topic, 0)
     updates.position = max(updates.position, start)
-    for msg in read_to_end(bootstrap, [tp], start={tp: start}, stall_seconds=stall_seconds,
+    for msg in read_to_end(cluster, [tp], start={tp: start}, stall_seconds=stall_seconds,
                            own_id=own_id):
         updates.add(msg.offset, msg.key, msg.value, msg.headers)
 
@@ -162,13 +163,13 @@ def catch_up(bootstrap: str, topic: str, updates: UpdateLog, *, start: int,
 class UpdateFollower:
     """Reads new updates as they come (no group: every member reads them all)."""
 
-    def __init__(self, bootstrap: str, topic: str, updates: UpdateLog, *,
+    def __init__(self, cluster: Cluster, topic: str, updates: UpdateLog, *,
                  stall_seconds: float, own_id: str):
         """A transaction that keeps the topic's end unreadable for ``stall_seconds``
         is aborted, as in a restore (a member died in its last, empty one)."""
-        self.bootstrap, self.updates = bootstrap, updates
+        self.cluster, self.updates = cluster, updates
         self.stall_seconds, self.own_id = stall_seconds, own_id
-        self.consumer: KafkaConsumer = reader(bootstrap)
+        self.consumer: KafkaConsumer = reader(cluster)
         self.tp = TopicPartition(topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek(self.tp, updates.position)
@@ -201,7 +202,7 @@ class UpdateFollower:
         if self._stalled_since is None:
             self._stalled_since = now
         elif now - self._stalled_since >= self.stall_seconds:
-            abort_open(self.bootstrap, self.tp, position, self.own_id)
+            abort_open(self.cluster, self.tp, position, self.own_id)
             self._stalled_since = None
 
     def close(self) -> None:

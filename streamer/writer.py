@@ -15,6 +15,7 @@ import logging
 from kafka import KafkaConsumer, TopicPartition
 
 from metarec.session import StreamSession
+from streamer.cluster import Cluster
 from streamer.model_topic import Lineage, read_versions
 from streamer.publishing import Publisher
 from streamer.updates import UpdateLog
@@ -23,9 +24,9 @@ log = logging.getLogger("metarec.writer")
 
 
 class ModelWriter:
-    def __init__(self, bootstrap: str, events_topic: str, model_topic: str,
+    def __init__(self, cluster: Cluster, events_topic: str, model_topic: str,
                  publisher: Publisher, update_log: UpdateLog):
-        self.bootstrap, self.model_topic = bootstrap, model_topic
+        self.cluster, self.model_topic = cluster, model_topic
         self.first = TopicPartition(events_topic, 0)
         self.publisher, self.update_log = publisher, update_log
         self.epoch: int | None = None  # None: not the writer
@@ -46,7 +47,7 @@ class ModelWriter:
             self.epoch = None
             return
         if self.epoch is None:
-            found = read_versions(self.bootstrap, self.model_topic, settle=False)
+            found = read_versions(self.cluster, self.model_topic, settle=False)
             self.epoch = found.epoch + 1
             if found.newest is not None:
                 self.publisher.number_after(found.newest.manifest.version)

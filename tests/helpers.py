@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaProducer
 from numpy.typing import ArrayLike
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.records import Record
+from streamer.cluster import Cluster
 from streamer.config import Settings
 
 
@@ -80,13 +80,13 @@ def closing_impressions(events: Sequence[dict[str, Any]],
             for step in range(1, 7) for p in range(partitions)]
 
 
-def produce_with_closers(bootstrap: str, topic: str, events: Sequence[dict[str, Any]],
+def produce_with_closers(cluster: Cluster, topic: str, events: Sequence[dict[str, Any]],
                          partitions: int, *, speed: float | None = None) -> None:
     """Events keyed by user id (the default partitioner: a user's events share a
     partition, in stream order), as fast as possible or live at ``speed`` seconds of
     event time per second, then :func:`closing_impressions`, each sent to its own
     partition explicitly."""
-    prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    prod = cluster.producer(linger_ms=5)
     try:
         start, first = time.monotonic(), float(events[0]["timestamp"])
         for event in events:

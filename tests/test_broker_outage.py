@@ -27,9 +27,9 @@ def run_until_learned_then_lose_the_broker(tmp_path: Path) -> tuple[subprocess.P
     log, predictions = tmp_path / "run.log", tmp_path / "predictions.jsonl"
     try:
         topic = f"outage-{uuid.uuid4().hex[:8]}"
-        kafka_io.ensure_topics(broker.bootstrap, small_settings(
+        kafka_io.ensure_topics(broker.cluster, small_settings(
             events_topic=topic, model_topic=f"{topic}.model", partitions=2).kafka)
-        prod = kafka_io.producer(broker.bootstrap)
+        prod = kafka_io.producer(broker.cluster)
         kafka_io.produce_records(prod, topic, (as_record(
             {"type": "impression", "impression_id": f"i{i}", "user_id": f"u{i % 20}",
              "item_id": f"m{i % 30}", "timestamp": T0 + i, "clicked": i % 3 == 0})

@@ -40,11 +40,11 @@ def message_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[st
 def test_a_record_too_large_for_kafka_is_dead_lettered_cut_to_fit_and_marked(
         broker: EmbeddedBroker) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     key, value = b"k" * 1_500_000, b"v" * 2_000_000
     dead = DeadLetter(Record(value, key, topics.events, 2, 41), "oversized",
                       "2000000 bytes > limit 65536")
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         futures = kafka_io.send_dead_letters(prod, topics.dlq, [dead])
         prod.flush()
@@ -69,12 +69,12 @@ def test_a_record_too_large_for_kafka_is_dead_lettered_cut_to_fit_and_marked(
 def test_detail_text_that_is_not_valid_unicode_still_makes_a_dead_letter(
         broker: EmbeddedBroker) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     # a lone surrogate (as surrogateescape decoding leaves them), then more text than
     # the detail header holds, in multi-byte characters
     detail = "bad byte \udcff then " + "é" * 5000
     dead = DeadLetter(Record(b"\xff\xfe", b"u1", topics.events, 0, 7), "not_json", detail)
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         for fut in kafka_io.send_dead_letters(prod, topics.dlq, [dead]):
             fut.get(timeout=30)
@@ -122,7 +122,7 @@ def test_every_dead_letter_fits_in_one_message_with_utf8_headers(
 def test_run_dead_letters_records_with_huge_keys_and_learns_the_rest(
         broker: EmbeddedBroker, tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     events = list(SyntheticStream(users=30, events_per_user=10, seed=21).events())
     poison = {len(events) // 3: (b"K" * 1_500_000, b"not json"),  # over Apache Kafka's 1 MB
               2 * len(events) // 3: (b"Q" * 1_500_000, b"x" * 2_000_000)}  # both over 1 MB

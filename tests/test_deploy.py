@@ -1,6 +1,7 @@
 """deploy/: alert rules pass promtool's tests, the dashboard asks only for
-metrics metarec exports, and a real Prometheus scrapes a running `metarec run`
-and `metarec serve`."""
+metrics metarec exports, a real Prometheus scrapes a running `metarec run`
+and `metarec serve`, and the manifests set only settings that exist, with the
+credentials from files of a Secret."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from metarec.datasets.synthetic import SyntheticStream
 from streamer import kafka_io
+from streamer.config import LEAVES
 from streamer.embedded import EmbeddedBroker, free_port
 from streamer.metrics import Metrics
 from streamer.serving_metrics import ServingMetrics
@@ -92,7 +95,7 @@ def wait_for(port: int, promql: str, seconds: float = 90) -> list[dict[str, Any]
 def test_a_real_prometheus_scrapes_metarec_run_and_serve(broker: EmbeddedBroker,
                                                          tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     # a click-rate jump half-way: the alarm must reach Prometheus and the drift topic
     produce(broker, topics.events,
             list(SyntheticStream(users=600, events_per_user=30, seed=21,
@@ -155,3 +158,57 @@ def test_a_real_prometheus_scrapes_metarec_run_and_serve(broker: EmbeddedBroker,
     assert all({"state", "timestamp", "before", "after", "magnitude", "relative"} <= set(d)
                for d in drift)
 
+
+
+#: read by the CLI itself, not a setting
+NOT_SETTINGS = {"METAREC_LOG_LEVEL"}
+
+
+def deploy_variables() -> dict[str, str]:
+    """Every METAREC_ variable the deploy files set, with its value, from the compose
+    file, its env files and the Kubernetes manifests."""
+    found: dict[str, str] = {}
+    for path in DEPLOY.glob("*.env*"):
+        for line in path.read_text().splitlines():
+            line = line.lstrip("# ").strip()
+            if re.fullmatch(r"METAREC_\w+=\S*", line):
+                name, _, value = line.partition("=")
+                found[name] = value
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        found |= {k: str(v) for k, v in service.get("environment", {}).items()}
+    for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "metarec.yaml").read_text()):
+        if doc["kind"] == "ConfigMap":
+            found |= doc["data"]
+        for container in _containers(doc):
+            found |= {e["name"]: e.get("value", "") for e in container.get("env", [])}
+    return {k: v for k, v in found.items() if k.startswith("METAREC_")}
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+
+
+def test_the_deploy_files_set_only_settings_that_exist() -> None:
+    known = {leaf.env for leaf in LEAVES.values()} | NOT_SETTINGS
+    variables = deploy_variables()
+    assert {"METAREC_SECURITY_PROTOCOL", "METAREC_SASL_PASSWORD_FILE",
+            "METAREC_SERVE_TOKEN_FILE"} <= set(variables)
+    assert set(variables) <= known, set(variables) - known
+
+
+def test_kubernetes_reads_every_credential_from_a_mounted_secret() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "metarec.yaml").read_text()))
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap")
+    for doc in docs:
+        for container in _containers(doc):
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+            secret_dirs = [m["mountPath"] for name, m in mounts.items()
+                           if "secret" in volumes[name] and m.get("readOnly")]
+            env = config | {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            files = [v for k, v in env.items() if k.endswith(("_FILE", "_CAFILE"))]
+            assert files and all(any(f.startswith(d + "/") for d in secret_dirs) for f in files)
+            # no secret's value in the manifest itself
+            assert not {"METAREC_SASL_PASSWORD", "METAREC_SSL_KEY_PASSWORD",
+                        "METAREC_SERVE_TOKEN"} & set(env)

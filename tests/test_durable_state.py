@@ -114,16 +114,16 @@ def final_state(broker: EmbeddedBroker, topics: Topics, partitions: int = PARTIT
         partitions=partitions, item_buckets=4096, feature_buckets=1024, dim=8)
     users = StreamSession(settings.session, durable=True)
     topic = settings.kafka.changelog()
-    found = changelog.restore(broker.bootstrap, topic, list(range(partitions)),
+    found = changelog.restore(broker.cluster, topic, list(range(partitions)),
                               dict(committed_offsets(broker, topics.group, topic)),
                               stall_seconds=5, own_id="test")
     committed = committed_offsets(broker, topics.group, topics.events)
     for p, state in found.items():
         users.restore(p, state.values, committed[p])
-    start = lineage.newest(broker.bootstrap, settings.kafka.model_topic, settings.session.learner)
+    start = lineage.newest(broker.cluster, settings.kafka.model_topic, settings.session.learner)
     theta = StreamSession(settings.session, start.theta, durable=True,
                           examples_learned=start.examples_learned)
-    group_theta(broker.bootstrap, settings.kafka, theta, start.lineage, Metrics(), "test")
+    group_theta(broker.cluster, settings.kafka, theta, start.lineage, Metrics(), "test")
     return users, theta
 
 
@@ -165,7 +165,7 @@ def test_kill_9_twice_loses_nothing_learns_nothing_twice_and_keeps_each_users_k(
     rng = np.random.default_rng(seed)
     topics = Topics()
     create_topics(broker, topics, PARTITIONS)
-    produce_with_closers(broker.bootstrap, topics.events, EVENTS, PARTITIONS)
+    produce_with_closers(broker.cluster, topics.events, EVENTS, PARTITIONS)
     lines: list[dict[str, Any]] = []
     for fraction in (rng.uniform(0.15, 0.45), rng.uniform(0.55, 0.85)):
         proc, predictions, log = start_member(broker, topics, "a", tmp_path)
@@ -238,7 +238,7 @@ def test_a_restart_after_a_clean_stop_starts_from_the_committed_state(
     taught = {u: k for u, k in learned_per_user(first).items() if k}
     assert taught
 
-    produce_with_closers(broker.bootstrap, topics.events, EVENTS[half:], PARTITIONS)
+    produce_with_closers(broker.cluster, topics.events, EVENTS[half:], PARTITIONS)
     proc, _, log = start_member(broker, topics, "a", tmp_path, "--idle-exit-seconds", "3")
     assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     assert restored_users(log) >= len(taught)
@@ -274,7 +274,7 @@ def test_a_group_of_three_with_a_member_joining_and_one_killed_learns_one_model(
     for proc, log in ((a, log_a), (b, log_b)):
         wait_for_log(log, "restored", proc)
     producer = threading.Thread(target=produce_with_closers, args=(
-        broker.bootstrap, topics.events, LIVE, partitions), kwargs={"speed": LIVE_SPEED})
+        broker.cluster, topics.events, LIVE, partitions), kwargs={"speed": LIVE_SPEED})
     producer.start()
     wait_committed(broker, topics, 0.3 * len(LIVE), [a, b], log_a)
     c, _, log_c = start_member(broker, topics, "c", tmp_path, *flags)

@@ -25,11 +25,11 @@ def test_a_backlog_larger_than_the_merge_buffer_is_read_to_its_end(
                               drift_topic=f"gs-drift-{tag}", group_id=f"gs-{tag}",
                               partitions=4, max_buffered_records=100, idle_exit_seconds=3,
                               publish_min_seconds=0)
-    kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
+    kafka_io.ensure_topics(broker.cluster, settings.kafka)
     backlog = records(SyntheticStream(users=300, events_per_user=20, seed=3))
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     kafka_io.produce_records(prod, settings.kafka.events_topic, backlog)
     prod.close()
-    summary = Runner(settings, broker.bootstrap).run()
+    summary = Runner(settings, broker.cluster).run()
     assert summary.records == len(backlog)
     assert summary.labelled == len(backlog)

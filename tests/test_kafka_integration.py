@@ -107,7 +107,7 @@ def committed(broker: EmbeddedBroker, group: str, topic: str, partitions: int) -
 def test_run_consumes_joins_learns_dead_letters_commits_and_publishes(
         broker: EmbeddedBroker, tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     events = list(SyntheticStream(users=80, events_per_user=20, prelabelled=False,
                                   seed=11).events())
     produce(broker, topics.events, events, MALFORMED)
@@ -178,14 +178,14 @@ def test_run_consumes_joins_learns_dead_letters_commits_and_publishes(
                            capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"loaded model version {len(manifests)}" in again.stderr
-    newest = read_versions(broker.bootstrap, topics.model).newest
+    newest = read_versions(broker.cluster, topics.model).newest
     assert newest is not None and newest.manifest.parent == len(manifests)
 
 
 def test_sigterm_drains_commits_publishes_and_exits_zero(broker: EmbeddedBroker,
                                                          tmp_path: Path) -> None:
     topics = Topics()
-    kafka_io.ensure_topics(broker.bootstrap, topics.settings(broker).kafka)
+    kafka_io.ensure_topics(broker.cluster, topics.settings(broker).kafka)
     events = list(SyntheticStream(users=200, events_per_user=30, seed=13).events())
     produce(broker, topics.events, events, [])
     port = free_port()

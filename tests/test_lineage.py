@@ -39,7 +39,7 @@ def publish_versions(broker: EmbeddedBroker, topic: str, settings: Settings,
                      versions: range, hash_: str | None = None) -> None:
     config = settings.session.learner
     payload = snapshot.dumps(init_theta(config.model, config.seed))
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         for v in versions:
             publish(prod, topic, payload, version=v, parent=v - 1 or None, algorithm="reptile",
@@ -62,7 +62,7 @@ def test_a_restart_of_the_same_layout_continues_the_newest_version(
     topic = model_topic(broker)
     settings = small_settings()
     publish_versions(broker, topic, settings, range(1, 4))
-    start = lineage.newest(broker.bootstrap, topic, settings.session.learner)
+    start = lineage.newest(broker.cluster, topic, settings.session.learner)
     assert start.theta is not None
     assert (start.last_version, start.parent) == (3, 3)
 
@@ -72,7 +72,7 @@ def test_another_layout_starts_a_fresh_lineage_after_the_newest_version(
     topic = model_topic(broker)
     publish_versions(broker, topic, small_settings(), range(1, 4))
     other = small_settings(dim=16).session.learner
-    start = lineage.newest(broker.bootstrap, topic, other)
+    start = lineage.newest(broker.cluster, topic, other)
     assert start.theta is None
     assert (start.last_version, start.parent) == (3, None)
     assert "starting a fresh lineage, its first version 4" in caplog.text
@@ -83,7 +83,7 @@ def test_a_rolled_back_configuration_continues_its_own_newest_version(
     topic = model_topic(broker)
     publish_versions(broker, topic, small_settings(), range(1, 4))
     publish_versions(broker, topic, small_settings(dim=16), range(4, 5))
-    start = lineage.newest(broker.bootstrap, topic, small_settings().session.learner)
+    start = lineage.newest(broker.cluster, topic, small_settings().session.learner)
     assert start.theta is not None
     assert (start.last_version, start.parent) == (4, 3)
 
@@ -94,7 +94,7 @@ def test_a_version_from_before_layout_hashes_is_continued_if_its_shapes_fit(
     configuration: an upgrade must not throw the model away."""
     topic = model_topic(broker)
     publish_versions(broker, topic, small_settings(), range(1, 3), hash_="57a19e0f11223344")
-    start = lineage.newest(broker.bootstrap, topic, small_settings().session.learner)
+    start = lineage.newest(broker.cluster, topic, small_settings().session.learner)
     assert start.theta is not None
     assert (start.last_version, start.parent) == (2, 2)
     assert "but its shapes fit" in caplog.text
@@ -105,7 +105,7 @@ def test_replay_from_a_version_of_another_layout_is_a_clear_error(
     topic = model_topic(broker)
     publish_versions(broker, topic, small_settings(), range(1, 2))
     with pytest.raises(SourceError, match="config hash"):
-        lineage.exact(broker.bootstrap, topic, 1, small_settings(dim=16).session.learner)
+        lineage.exact(broker.cluster, topic, 1, small_settings(dim=16).session.learner)
 
 
 def test_runs_across_a_change_of_layout_publish_above_the_old_lineage(
@@ -126,20 +126,20 @@ def test_runs_across_a_change_of_layout_publish_above_the_old_lineage(
                                   model_topic=topic, group_id=group, dim=dim, partitions=2,
                                   meta_every=100, publish_every=1, publish_min_seconds=0,
                                   idle_exit_seconds=2)
-        return Runner(settings, broker.bootstrap).run().versions_published
+        return Runner(settings, broker.cluster).run().versions_published
 
-    kafka_io.ensure_topics(broker.bootstrap, small_settings(
+    kafka_io.ensure_topics(broker.cluster, small_settings(
         events_topic=events, model_topic=topic, partitions=2).kafka)
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     kafka_io.produce_records(prod, events, read_source(str(source)))
     prod.close()
 
     first = run(8, "lineage-a")
     second = run(16, "lineage-b")
     assert first and second and min(second) > max(first)
-    newest = read_versions(broker.bootstrap, topic).newest
+    newest = read_versions(broker.cluster, topic).newest
     assert newest is not None and newest.manifest.version == max(second)
     assert newest.manifest.parent == (second[-2] if len(second) > 1 else None)
-    again = lineage.newest(broker.bootstrap, topic, small_settings(dim=16).session.learner)
+    again = lineage.newest(broker.cluster, topic, small_settings(dim=16).session.learner)
     assert again.theta is not None and again.last_version == max(second)
 

@@ -94,7 +94,7 @@ def run_flags(broker: EmbeddedBroker, topics: Topics, partitions: int,
 
 def create_topics(broker: EmbeddedBroker, topics: Topics, partitions: int) -> None:
     settings = topics.settings(broker).with_flat(partitions=partitions)
-    kafka_io.ensure_topics(broker.bootstrap, settings.kafka)
+    kafka_io.ensure_topics(broker.cluster, settings.kafka)
 
 
 def wait_for_log(path: Path, text: str, proc: subprocess.Popen[str],
@@ -242,7 +242,7 @@ def test_backlog_matches_file_replay(broker: EmbeddedBroker, tmp_path: Path,
                                      file_replay: list[dict[str, Any]], partitions: int) -> None:
     topics = Topics()
     create_topics(broker, topics, partitions)
-    produce_with_closers(broker.bootstrap, topics.events, EVENTS, partitions)
+    produce_with_closers(broker.cluster, topics.events, EVENTS, partitions)
     predictions = tmp_path / "B.jsonl"
     done = subprocess.run(
         metarec("run", *run_flags(broker, topics, partitions, predictions),
@@ -270,7 +270,7 @@ def test_live_steady_rate_matches_file_replay(broker: EmbeddedBroker, tmp_path: 
             stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         wait_for_log(log, "partitions assigned", proc)
-        produce_with_closers(broker.bootstrap, topics.events, LIVE, 4, speed=LIVE_SPEED)
+        produce_with_closers(broker.cluster, topics.events, LIVE, 4, speed=LIVE_SPEED)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:

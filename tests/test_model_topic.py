@@ -210,7 +210,7 @@ def test_model_pull_skips_foreign_messages_on_the_topic(broker: EmbeddedBroker,
     topic = f"model-{uuid.uuid4().hex[:8]}"
     create_topic(broker, topic)
     payload = snapshot.dumps(init_theta(ModelConfig(dim=4), seed=3))
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         published = publish(prod, topic, payload, version=1, parent=None, algorithm="reptile",
                             config_hash="abc", examples_learned=7, chunk_bytes=1024)
@@ -292,7 +292,7 @@ def test_a_published_version_can_be_read_back_by_another_client_from_the_readme(
     theta = init_theta(config, seed=9)
     theta["item_emb"] += torch.randn(theta["item_emb"].shape)  # incompressible: several chunks
     payload = snapshot.dumps(theta)
-    prod = kafka_io.producer(broker.bootstrap)
+    prod = kafka_io.producer(broker.cluster)
     try:
         v1 = publish(prod, topic, snapshot.dumps(init_theta(config, seed=1)), version=1,
                      parent=None, algorithm="reptile", config_hash="h", examples_learned=1)

@@ -80,7 +80,7 @@ def test_a_topic_replays_like_the_file_and_commits_nothing(broker: EmbeddedBroke
                                                            tmp_path: Path) -> None:
     topics = Topics()
     # one partition: the topic's order is the file's order
-    kafka_io.ensure_topics(broker.bootstrap, Settings.of(bootstrap_servers=broker.bootstrap,
+    kafka_io.ensure_topics(broker.cluster, Settings.of(bootstrap_servers=broker.bootstrap,
                                                       events_topic=topics.events,
                                                       model_topic=topics.model,
                                                       dlq_topic=topics.dlq, partitions=1).kafka)
@@ -113,7 +113,7 @@ def test_model_versions_go_to_a_directory_or_a_topic_and_a_replay_can_start_from
     topic = Topics().model
     boot = ["--bootstrap-servers", broker.bootstrap, "--model-topic", topic]
     replay(tmp_path, src, "pub", *boot, "--models-out", f"kafka:{topic}")
-    newest = read_versions(broker.bootstrap, topic).newest
+    newest = read_versions(broker.cluster, topic).newest
     assert newest is not None and newest.manifest.version == len(manifests)
     fresh = replay(tmp_path, src, "fresh")
     warm = replay(tmp_path, src, "warm", *boot, "--model-version", "1")
