@@ -2,14 +2,18 @@
 the fine-tune control and the online learners users would pick instead.
 
     .venv/bin/pip install -e ".[bench]"      # vowpalwabbit (bench-only)
-    .venv/bin/python -m bench.quality --seeds 0 1 2 --out bench/results
+    .venv/bin/python -m bench.quality --seeds 0 1 2 --out bench/results --readme README.md
 
 Protocol: the 100,000 ratings as a time-ordered stream (stable sort, ties keep the
 file order), label = rating >= 4, every model predicts each event before it learns
 from it. Baselines' knobs are chosen on the first half of the stream only (the
 best AUC there); metarec's defaults were chosen the same way (README). The
 "first half" is the first 50,000 events; new users/items are those first seen in
-the second half. Writes ``quality.md`` (tables) and ``quality_auc_by_k.png``.
+the second half. Writes ``quality.md`` (tables) and ``quality_auc_by_k.png``, and
+with ``--readme`` the README's block of tables (between its markers). The
+baselines include a per-event Adagrad matrix factorisation with side features and
+Vowpal Wabbit parsing each example once; every comparison is a paired bootstrap
+over users, on all events and on new users' k 0-4, 5-9 and 10-19.
 """
 
 from __future__ import annotations
@@ -33,15 +37,22 @@ from metarec.evaluation import K_BUCKETS, auc, bucket_label, logloss
 
 Event = dict[str, Any]
 BOOTSTRAP = 1000
+#: the new users' buckets every comparison is made in (besides all events)
+COMPARED_BUCKETS = ((0, 4), (5, 9), (10, 19))
 
 # metarec variants: Settings overrides on top of the defaults of `metarec replay`
 OURS: dict[str, dict[str, Any]] = {
     "metarec Reptile": {"algorithm": "reptile"},
+    "metarec Reptile, constant inner rate": {"algorithm": "reptile", "inner_rate_labels": 0},
+    "metarec Reptile, before (recency 0.85, constant rate)": {
+        "algorithm": "reptile", "inner_rate_labels": 0, "recency": 0.85},
     "metarec MAML (= ANIL, see README)": {"algorithm": "maml"},
     "metarec first-order MAML": {"algorithm": "fomaml"},
     "metarec Meta-SGD": {"algorithm": "metasgd"},
+    # the prototype averages the task: at its best with the task's older examples
     "metarec prototype (gradient-free)": {"adaptation": "prototype", "algorithm": "fomaml",
-                                          "inner_lr": 1.0},
+                                          "inner_lr": 1.0, "recency": 0.85,
+                                          "inner_rate_labels": 0},
 }
 CONTROL = "fine-tune control"
 CONTROLS: dict[str, dict[str, Any]] = {
@@ -51,16 +62,26 @@ CONTROLS: dict[str, dict[str, Any]] = {
 # Item cold start: the default model with item features withheld from the model, so
 # an unseen item's embedding is a plain new one rather than one made from features.
 PLAIN_ITEMS = "metarec default, plain new item embeddings"
+# and without user features: the initialisation is then φ_0 alone, not conditioned on
+# the user's age, gender and occupation (whose embeddings add to every user's vector)
+NO_USER_FEATURES = "metarec default, no user features"
+#: the event fields each of those variants withholds
+WITHHELD = {PLAIN_ITEMS: "item_features", NO_USER_FEATURES: "user_features"}
 
+MF = "per-event matrix factorisation (Adagrad, side features)"
 GRIDS: dict[str, tuple[Callable[..., np.ndarray], list[dict[str, float]]]] = {
     "per-user + per-item click rate": (
         baselines.click_rates,
         [{"prior": a, "decay": d} for a in (2.0, 5.0, 10.0) for d in (1.0, 0.95, 0.9)]),
     "river LogisticRegression (one-hot)": (
         baselines.river_logistic, [{"lr": lr} for lr in (0.01, 0.05, 0.2)]),
-    "Vowpal Wabbit (-q ui, logistic)": (
+    "Vowpal Wabbit (-q ui, logistic, one parse per example)": (
         baselines.vowpal_wabbit, [{"lr": lr} for lr in (0.1, 0.25, 0.5, 1.0)]),
+    MF: (baselines.side_feature_mf, [{"lr": lr} for lr in (0.05, 0.1, 0.2)]),
 }
+#: baselines whose initialisation is random: tuned with the first seed, then run on
+#: every seed at the knob chosen
+SEEDED = {MF}
 
 
 @dataclass
@@ -128,7 +149,9 @@ def metrics(p: np.ndarray, s: Stream) -> dict[str, float]:
 # -- the runs (each in a worker process) -------------------------------------------------
 
 
-def run_metarec(overrides: dict[str, Any], seed: int, plain_items: bool) -> np.ndarray:
+def run_metarec(overrides: dict[str, Any], seed: int, withheld: str | None) -> np.ndarray:
+    """Predictions of a replay with ``overrides``; ``withheld``: an event field left
+    empty in every event."""
     import torch
 
     from streamer.config import Settings
@@ -138,10 +161,10 @@ def run_metarec(overrides: dict[str, Any], seed: int, plain_items: bool) -> np.n
     events = list(movielens.events())
     with tempfile.TemporaryDirectory() as tmp:
         source = "movielens-100k"
-        if plain_items:
+        if withheld is not None:
             source = os.path.join(tmp, "events.jsonl")
             with open(source, "w") as f:
-                f.writelines(json.dumps({**e, "item_features": {}}) + "\n" for e in events)
+                f.writelines(json.dumps({**e, withheld: {}}) + "\n" for e in events)
         log = Path(tmp, "predictions.jsonl")
         settings = Settings.of(metrics_port=0, predictions_out=log, seed=seed, **overrides)
         replay(settings, source, progress=False)
@@ -156,8 +179,9 @@ def run_metarec(overrides: dict[str, Any], seed: int, plain_items: bool) -> np.n
     return p
 
 
-def run_baseline(name: str, params: dict[str, float]) -> np.ndarray:
-    return GRIDS[name][0](list(movielens.events()), **params)
+def run_baseline(name: str, params: dict[str, float], seed: int) -> np.ndarray:
+    extra = {"seed": seed} if name in SEEDED else {}
+    return GRIDS[name][0](list(movielens.events()), **params, **extra)
 
 
 # -- paired bootstrap over users ---------------------------------------------------------
@@ -262,17 +286,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="also rewrite this README's quality block (between its markers)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     events = list(movielens.events())
     stream = Stream.of(events)
 
-    variants = {**OURS, **CONTROLS, PLAIN_ITEMS: {}}
+    variants = {**OURS, **CONTROLS, **{name: {} for name in WITHHELD}}
     with ProcessPoolExecutor(args.workers) as pool:
-        ours_f = {(name, seed): pool.submit(run_metarec, o, seed, name == PLAIN_ITEMS)
+        ours_f = {(name, seed): pool.submit(run_metarec, o, seed, WITHHELD.get(name))
                   for name, o in variants.items() for seed in args.seeds}
-        grid_f = {(name, j): pool.submit(run_baseline, name, params)
+        first_seed = args.seeds[0]
+        grid_f = {(name, j): pool.submit(run_baseline, name, params, first_seed)
                   for name, (_, grid) in GRIDS.items() for j, params in enumerate(grid)}
         ours = {name: Result(name, [ours_f[name, s].result() for s in args.seeds])
                 for name in variants}
@@ -283,17 +310,21 @@ def main() -> None:
                               stream.y[stream.first_half]) for j in range(len(grid))]
             j = int(np.nanargmax(first_half))
             knobs = ", ".join(f"{k} {v:g}" for k, v in grid[j].items())
-            results.append(Result(name, [grid_f[name, j].result()], note=knobs))
+            runs = [grid_f[name, j].result()]
+            if name in SEEDED:
+                runs += [f.result() for f in [pool.submit(run_baseline, name, grid[j], seed)
+                                              for seed in args.seeds[1:]]]
+            results.append(Result(name, runs, note=knobs))
     for r in results:
         r.figures = [metrics(p, stream) for p in r.runs]
     best = max(OURS, key=lambda name: ours[name].mean("AUC 1st half"))
 
     rng = np.random.default_rng(0)
-    new_k04 = stream.new_user & _in(stream.k, 0, 4)
-    everything = np.ones(len(stream.y), dtype=bool)
-    comparisons = [(CONTROL, "new users, k 0-4", new_k04), (CONTROL, "all events", everything)]
-    comparisons += [(r.name, "all events", everything) for r in results[len(variants):]]
-    comparisons += [(r.name, "new users, k 0-4", new_k04) for r in results[len(variants):]]
+    where = {"all events": np.ones(len(stream.y), dtype=bool)}
+    where |= {f"new users, k {bucket_label(lo, hi)}": stream.new_user & _in(stream.k, lo, hi)
+              for lo, hi in COMPARED_BUCKETS}
+    others = [CONTROL] + [r.name for r in results[len(variants):]]
+    comparisons = [(other, w, sel) for other in others for w, sel in where.items()]
     by_name = {r.name: r for r in results}
     boot = [(other, where, *paired_bootstrap(ours[best].runs, by_name[other].runs, stream,
                                               sel, rng))
@@ -317,10 +348,61 @@ def main() -> None:
         "other", "", "| other | events | difference | 95% interval |", "|---|---|---:|---|",
         *[f"| {o} | {w} | {d:+.4f} | [{lo:+.4f}, {hi:+.4f}] |" for o, w, d, lo, hi in boot],
     ]
+    summary = readme_tables(results, best, boot, args.seeds, time.perf_counter() - t0)
+    goals = targets(results, best, boot)
+    lines += ["", "### Against the targets", "", *goals]
     (args.out / "quality.md").write_text("\n".join(lines) + "\n")
     plot(results, args.out / "quality_auc_by_k.png")
+    if args.readme is not None:
+        write_readme(args.readme, [*summary, "", *goals])
     print("\n".join(lines))
-    print(f"\nwrote {args.out / 'quality.md'} and {args.out / 'quality_auc_by_k.png'}")
+    print(f"\nwrote {args.out / 'quality.md'} and {args.out / 'quality_auc_by_k.png'}"
+          + ("" if args.readme is None else f", and its block in {args.readme}"))
+
+
+Comparison = tuple[str, str, float, float, float]  # other, events, difference, 95% interval
+NEW_BUCKETS = [f"new k {bucket_label(lo, hi)}" for lo, hi in K_BUCKETS]
+#: issue 16's targets: overall AUC, then new users' k 0-4, 5-9, 10-19
+TARGETS = {"AUC": 0.785, "new k 0-4": 0.70, "new k 5-9": 0.745, "new k 10-19": 0.755}
+README_BEGIN = "<!-- bench/quality.py writes from here -->"
+README_END = "<!-- to here -->"
+
+
+def readme_tables(results: list[Result], best: str, boot: list[Comparison], seeds: list[int],
+                  seconds: float) -> list[str]:
+    """The README's quality tables: every model by bucket, and the paired intervals."""
+    return [f"`python -m bench.quality --seeds {' '.join(map(str, seeds))} --readme README.md`"
+             f" ({seconds:.0f} s; seeds {seeds}, mean ± std where the seed matters).", "",
+             *table(results, ["AUC", "logloss", "AUC 1st half", *NEW_BUCKETS[:3]], best), "",
+             f"Paired bootstrap over users ({BOOTSTRAP:,} resamples), AUC of {best} minus "
+             "the other:", "", "| other | events | difference | 95% interval |",
+             "|---|---|---:|---|",
+             *[f"| {o} | {w} | {d:+.4f} | [{lo:+.4f}, {hi:+.4f}] |" for o, w, d, lo, hi in boot]]
+
+
+def targets(results: list[Result], best: str, boot: list[Comparison]) -> list[str]:
+    """Where issue 16's targets stand, as a table."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    ours = next(r for r in results if r.name == best)
+    for key, goal in TARGETS.items():
+        got = ours.mean(key)
+        lines.append(f"| {key} ≥ {goal:.3f} | {got:.4f} | {'yes' if got >= goal else 'no'} |")
+    behind = [f"{o} on {w} ({d:+.4f}, interval from {lo:+.4f})"
+              for o, w, d, lo, _ in boot if o != CONTROL and lo <= 0]
+    lines.append("| ahead of every baseline in every bucket, interval above zero | "
+                 f"{'not ahead of ' + '; '.join(behind) if behind else 'ahead of all'} | "
+                 f"{'no' if behind else 'yes'} |")
+    gains = [f"{w}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for o, w, d, lo, hi in boot if o == CONTROL]
+    lines.append(f"| meta-learning's gain over the fine-tune control, every bucket | "
+                 f"{'; '.join(gains)} | reported |")
+    return lines
+
+
+def write_readme(path: Path, block: list[str]) -> None:
+    """Replace what stands between the README's markers with ``block``."""
+    text = path.read_text()
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    path.write_text(text[:start] + "\n" + "\n".join(block) + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class GradientSteps(NamedTuple):
     phi0: np.ndarray  # d+1
     l2: float
     steps: int  # 0: no adaptation
+    rate_labels: float  # the rate shrinks as (1 + k / rate_labels)^-1/2 (0: constant)
 
 
 class PrototypeShift(NamedTuple):
@@ -194,7 +195,7 @@ def _sigmoid(z: float) -> float:
 @njit(cache=True, fastmath=FAST)
 def _gradient_steps(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
                     weight: np.ndarray, lr: np.ndarray, phi0: np.ndarray, l2: float,
-                    steps: int) -> None:
+                    steps: int, scale: float) -> None:
     """:class:`GradientSteps` on one user's task (``q`` W x d; ``base``, ``y`` and the
     normalised ``weight`` W), ``phi`` in place."""
     width, d = q.shape
@@ -209,7 +210,15 @@ def _gradient_steps(phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndar
                 grad[c] += err * q[s, c]
             grad[d] += err
         for c in range(d + 1):
-            phi[c] -= lr[c] * (grad[c] + l2 * (phi[c] - phi0[c]))
+            phi[c] -= scale * lr[c] * (grad[c] + l2 * (phi[c] - phi0[c]))
+
+
+@njit(cache=True, fastmath=FAST)
+def _rate_scale(rate_labels: float, k: int) -> float:
+    """The inner rate's factor after k labels: (1 + k / rate_labels)^-1/2 (1 if 0)."""
+    if rate_labels <= 0.0:
+        return 1.0
+    return float((1.0 + k / rate_labels) ** -0.5)
 
 
 @njit(cache=True, fastmath=FAST)
@@ -231,7 +240,7 @@ def _prototype_shift(phi: np.ndarray, q: np.ndarray, y: np.ndarray, weight: np.n
 
 
 def adapt(rule: GradientSteps | PrototypeShift, phi: np.ndarray, q: np.ndarray,
-          base: np.ndarray, y: np.ndarray, weight: np.ndarray) -> None:
+          base: np.ndarray, y: np.ndarray, weight: np.ndarray, k: int) -> None:
     """Adapt one user's ``phi`` in place by ``rule`` on their task (``q`` W x d;
     ``base``, ``y`` and ``weight`` W, the weights normalised). Compiled code only:
     the rule's type chooses the kernel when the caller is compiled."""
@@ -239,18 +248,18 @@ def adapt(rule: GradientSteps | PrototypeShift, phi: np.ndarray, q: np.ndarray,
 
 
 @overload(adapt, inline="always")
-def _adapt_by_rule(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+def _adapt_by_rule(rule, phi, q, base, y, weight, k):  # type: ignore[no-untyped-def]
     """The kernel of the rule's type (numba types a named tuple by its class), given
     the rule's fields by name: a named tuple handed on down the calls cost a tenth
     of an adaptation."""
     kind = getattr(rule, "instance_class", None)
     if kind is GradientSteps:
-        def gradient(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+        def gradient(rule, phi, q, base, y, weight, k):  # type: ignore[no-untyped-def]
             _gradient_steps(phi, q, base, y, weight, lr=rule.lr, phi0=rule.phi0, l2=rule.l2,
-                            steps=rule.steps)
+                            steps=rule.steps, scale=_rate_scale(rule.rate_labels, k))
         return gradient
     if kind is PrototypeShift:
-        def shift(rule, phi, q, base, y, weight):  # type: ignore[no-untyped-def]
+        def shift(rule, phi, q, base, y, weight, k):  # type: ignore[no-untyped-def]
             _prototype_shift(phi, q, y, weight, lr=rule.lr, phi0=rule.phi0, steps=rule.steps)
         return shift
     return None
@@ -292,7 +301,7 @@ def adapt_tasks(phi: np.ndarray, tasks: WeightedTasks,
     for u in range(phi.shape[0]):
         weight[:] = given[u]
         _normalise(weight)
-        adapt(rule, phi[u], q[u], base[u], y[u], weight)
+        adapt(rule, phi[u], q[u], base[u], y[u], weight, 0)
 
 
 # -- serving -----------------------------------------------------------------------------
@@ -325,7 +334,7 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
         if kind[i] == PREDICT:
             if j >= 0 and stale[j]:
                 _recency_weights(weight, task_mask[j], decay, learned[r])
-                adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
+                adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight, learned[r])
                 stale[j] = False
             p[i] = _sigmoid(_logit(phi[r], q[i], base[i]))
             k[i] = learned[r]
@@ -345,7 +354,7 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
         if stale[j]:
             r = task_rows[j]
             _recency_weights(weight, task_mask[j], decay, learned[r])
-            adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight)
+            adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight, learned[r])
 
 
 # -- representation ----------------------------------------------------------------------

@@ -48,9 +48,13 @@ class ModelConfig(BaseModel):
     adaptation: Adaptation = Field(Adaptation.GRADIENT, description="how φ_u follows the "
                                    "user's task: inner SGD steps (gradient), or a gradient-free "
                                    "shift towards the clicked items (prototype)")
+    inner_rate_labels: float = Field(
+        15.0, ge=0, description="the inner rate shrinks with the user's labels k as "
+        "(1 + k / this)^-1/2, as a per-user Adagrad's would (0: a constant rate)")
     inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
-    recency: float = Field(0.85, gt=0, le=1, description="weight of a task example per label "
-                           "given after it (1: all equal); users' taste drifts within sessions")
+    recency: float = Field(0.1, gt=0, le=1, description="weight of a task example per label "
+                           "given after it (1: all equal; 0.1: mostly the newest label, with "
+                           "the rate shrinking by inner_rate_labels a per-user SGD step)")
 
     @property
     def phi_dim(self) -> int:

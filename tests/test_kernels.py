@@ -23,8 +23,9 @@ RING = 5  # small, so that tasks wrap around within the test
 MODEL = ModelConfig(dim=4, inner_steps=2, inner_lr=0.3, inner_l2=0.05, recency=0.8)
 
 
-def learner(adaptation: Adaptation) -> OnlineLearner:
-    model = MODEL.model_copy(update={"adaptation": adaptation})
+def learner(adaptation: Adaptation, rate_labels: float = 0.0) -> OnlineLearner:
+    model = MODEL.model_copy(update={"adaptation": adaptation,
+                                     "inner_rate_labels": rate_labels})
     theta = random_theta()  # every item row non-zero: no random starts to replay
     return OnlineLearner(LearnerConfig(model=model, task_size=RING, online_lr=0.1),
                          theta={k: v.clone() for k, v in theta.items()})
@@ -73,7 +74,8 @@ def torch_reading(theta: dict[str, torch.Tensor], ops: Ops, config: ModelConfig,
         with torch.no_grad():
             phi[u] = user_adaptation(config).adapt(
                 theta, phi[u][None], q[idx][None], base[idx][None],
-                torch.from_numpy(ops.label)[idx][None], weight[None])[0]
+                torch.from_numpy(ops.label)[idx][None], weight[None],
+                labels=torch.tensor([len(task[u])]))[0]
 
     p = np.full(len(ops), np.nan)
     met = {}
@@ -103,9 +105,12 @@ def torch_reading(theta: dict[str, torch.Tensor], ops: Ops, config: ModelConfig,
     return p, phi, after
 
 
-@pytest.mark.parametrize("adaptation", list(Adaptation))
-def test_a_micro_batch_is_the_torch_model_op_by_op(adaptation: Adaptation) -> None:
-    ours = learner(adaptation)
+@pytest.mark.parametrize(("adaptation", "rate_labels"), [
+    *((a, 0.0) for a in Adaptation), (Adaptation.GRADIENT, 3.0)])
+def test_a_micro_batch_is_the_torch_model_op_by_op(adaptation: Adaptation,
+                                                   rate_labels: float) -> None:
+    """With ``rate_labels``, the inner rate shrinks with the user's labels."""
+    ours = learner(adaptation, rate_labels)
     ops = batch()
     want_p, want_phi, want_theta = torch_reading(
         {k: v.clone() for k, v in ours.theta.items()}, ops, ours.config.model, 0.1)

@@ -23,9 +23,11 @@ class UserAdaptation(Protocol):
         ...
 
     def adapt(self, theta: Theta, phi: torch.Tensor, q: torch.Tensor, base: torch.Tensor,
-              y: torch.Tensor, weight: torch.Tensor, *, first_order: bool = False) -> torch.Tensor:
+              y: torch.Tensor, weight: torch.Tensor, *, first_order: bool = False,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
         """Every user's weights adapted from ``phi`` (n x d+1) on their task (``q``
         n x R x d; ``base``, ``y``, ``weight`` n x R, an example's ``weight`` relative
         to the others of its task, 0 for none). ``first_order``: the inner gradients
-        count as constants in the derivative (FOMAML)."""
+        count as constants in the derivative (FOMAML). ``labels``: each user's label
+        count, where the rule depends on it (none: adapted from φ_0, k = 0)."""
         ...

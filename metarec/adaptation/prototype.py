@@ -22,7 +22,8 @@ class PrototypeAdaptation:
                               self.steps)
 
     def adapt(self, theta: Theta, phi: torch.Tensor, q: torch.Tensor, base: torch.Tensor,
-              y: torch.Tensor, weight: torch.Tensor, *, first_order: bool = False) -> torch.Tensor:
+              y: torch.Tensor, weight: torch.Tensor, *, first_order: bool = False,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
         """``first_order`` changes nothing: there is no inner gradient to hold constant."""
         if not self.steps:
             return phi
