@@ -21,6 +21,7 @@ from metarec.features import (
     slot_tuple,
 )
 from metarec.learner import Ops
+from metarec.task_key import TaskKey
 
 # a context as a cache key: its (field, value) pairs and the values' types
 _ContextKey = tuple[tuple[tuple[str, FeatureValue], ...], tuple[type, ...]]
@@ -34,8 +35,10 @@ class Encoder:
     def __init__(self, spec: FeatureSpec, *, item_cache_bytes: int = SLOT_CACHE_BYTES,
                  user_cache_bytes: int = SLOT_CACHE_BYTES,
                  context_cache_bytes: int = CONTEXT_CACHE_BYTES,
-                 token_cache_bytes: int = TOKEN_CACHE_BYTES):
+                 token_cache_bytes: int = TOKEN_CACHE_BYTES,
+                 task_key: TaskKey | None = None):
         self.spec = spec
+        self.task_key = task_key or TaskKey(None)
         self.tokens = TokenBuckets(spec.feature_buckets, token_cache_bytes)
         self.items = SlotCache(spec.item_slots, spec, "item=", item_cache_bytes, self.tokens)
         self.users = SlotCache(spec.user_slots, spec, None, user_cache_bytes, self.tokens)
@@ -87,8 +90,14 @@ class Encoder:
                               if imp.user_features else no_user)
             context.append(context_slot(imp.context) if imp.context else no_context)
         at = np.array(src, dtype=np.int64)
+        users = [imp.user_id for imp in impressions]
+        prior = None
+        if self.task_key.field is not None:
+            key = self.task_key.of
+            prior, users = users, [key(imp.user_id, imp.context) for imp in impressions]
         return Ops(
-            user=[imp.user_id for imp in impressions],
+            user=users,
+            prior=prior,
             kind=np.asarray(kinds, dtype=np.int64),
             item=np.array(items, dtype=np.int64)[at],
             item_feats=_matrix(item_feats, spec.item_slots)[at],

@@ -125,6 +125,10 @@ class OpArrays(NamedTuple):
     task_of: np.ndarray  # n, the op's user's row in BatchTasks, -1 if they only predict
     item: np.ndarray  # n, item bucket
     context: np.ndarray  # n x context_slots
+    # n, the row of the task the op's task refines (-1: none): a task with no labels
+    # yet has that row's current weights (the user's, for a user × context task)
+    prior: np.ndarray
+    prior_task: np.ndarray  # n, the prior row's row in BatchTasks, -1 if it is not there
 
 
 class BatchTasks(NamedTuple):
@@ -316,10 +320,12 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
     ``out.learn_phi[i]`` (the weights it met), joins the user's ring (in the store)
     and task, and the user is adapted by ``rule`` before their next prediction or
     at the end, each example weighted ``decay[age]``. So a user's consecutive
-    labels are learned as one step, as a wave of them would be.
+    labels are learned as one step, as a wave of them would be. An op whose task
+    has a ``prior`` and no labels yet first takes the prior's weights.
     """
     rows, kind, label, q, base = ops.rows, ops.kind, ops.label, ops.q, ops.base
     task_of, item, context = ops.task_of, ops.item, ops.context
+    prior, prior_task = ops.prior, ops.prior_task
     phi, learned = users.phi, users.learned
     ring_item, ring_context, ring_label = users.ring_item, users.ring_context, users.ring_label
     task_rows, task_q, task_base, task_y, task_mask = (tasks.rows, tasks.q, tasks.base, tasks.y,
@@ -331,6 +337,22 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
     for i in range(rows.shape[0]):
         r = rows[i]
         j = task_of[i]
+        pr = prior[i]
+        if pr >= 0:
+            # the prior (the user's own task) is adapted when the user predicts in any
+            # context, as it would be with no finer tasks
+            jp = prior_task[i]
+            if kind[i] == PREDICT and jp >= 0 and stale[jp]:
+                _recency_weights(weight, task_mask[jp], decay, learned[pr])
+                adapt(rule, phi[pr], task_q[jp], task_base[jp], task_y[jp], weight, learned[pr])
+                stale[jp] = False
+            if learned[r] == 0:
+                # a task without labels has its prior's weights, up to its last label
+                phi[r] = phi[pr]
+                if jp >= 0 and stale[jp]:
+                    _recency_weights(weight, task_mask[jp], decay, learned[pr])
+                    adapt(rule, phi[r], task_q[jp], task_base[jp], task_y[jp], weight,
+                          learned[pr])
         if kind[i] == PREDICT:
             if j >= 0 and stale[j]:
                 _recency_weights(weight, task_mask[j], decay, learned[r])

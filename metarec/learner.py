@@ -14,6 +14,7 @@ holds the parts together and is the one surface the streaming code uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -37,6 +38,10 @@ class LearnerConfig(BaseModel):
     task_size: int = Field(50, ge=2, description="recent labelled examples kept per user (task)")
     online_lr: float = Field(0.05, gt=0, description="Adagrad rate of θ's per-micro-batch step")
     seed: int = Field(0, description="seed of the initialisation and of task sampling")
+    task_context: str | None = Field(
+        None, description="a context field (e.g. platform) that splits each user's task: "
+        "user x that field's value is a task with its own fast weights, which starts from "
+        "the user's own (learned from all the user's labels); none: the user alone")
 
 
 @dataclass
@@ -50,6 +55,9 @@ class Ops:
     user_feats: np.ndarray  # n x user_slots (all zero: unchanged)
     context: np.ndarray  # n x context_slots
     label: np.ndarray  # float, meaningful for LEARN
+    # the task each op's task refines (a user × context task's user), None for none:
+    # such a task starts from its prior's weights, and the prior learns every label too
+    prior: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.user)
@@ -86,8 +94,14 @@ class OnlineLearner:
         if len(ops) == 0:
             return Scores(np.full(0, np.nan), np.zeros(0, dtype=np.int64))
         users = self.users
-        rows = users.rows_for(ops.user, self.theta["phi0"])
+        phi0 = self.theta["phi0"]
+        rows = users.rows_for(ops.user, phi0)
+        prior = (np.full(len(ops), -1, dtype=np.int64) if ops.prior is None
+                 else users.rows_for(ops.prior, phi0))
+        prior[prior == rows] = -1  # an op without a finer task learns on its prior alone
         users.set_features(rows, ops.user_feats)
+        if ops.prior is not None:
+            users.set_features(prior[prior >= 0], ops.user_feats[prior >= 0])
         self.items.update(ops.item, ops.item_feats)
         learn = np.flatnonzero(ops.kind == LEARN)
         self.online.start_items(ops.item[learn])
@@ -97,21 +111,26 @@ class OnlineLearner:
         user_feats = np.concatenate([users.features[rows], ops.context], axis=1)
         ids = ExampleIds(ops.item, ops.item_feats, user_feats)
         rep = represent(self.theta, ids)
-        tasks = serving.batch_tasks(users, self.theta, rows[learn])
-        op_arrays = OpArrays(rows=rows, kind=ops.kind, label=ops.label, q=rep.q,
-                             base=rep.base, task_of=serving.task_index(tasks, rows),
-                             item=ops.item, context=ops.context)
+        chain = _with_priors(rows, ops.kind, prior)
+        at = chain.op
+        tasks = serving.batch_tasks(users, self.theta, chain.rows[ops.kind[at] == LEARN])
+        op_arrays = OpArrays(rows=chain.rows, kind=ops.kind[at], label=ops.label[at],
+                             q=rep.q[at], base=rep.base[at],
+                             task_of=serving.task_index(tasks, chain.rows), item=ops.item[at],
+                             context=ops.context[at], prior=chain.prior,
+                             prior_task=serving.task_index(tasks, chain.prior))
         # the weights each example meets before it is learned: θ's online step
         # trains on exactly the situation a prediction is made in
         out = serving.serve(op_arrays, users, tasks, self.decay,
                             self.adaptation.rule(self.theta))
+        p, k, learn_phi = out.p[chain.own], out.k[chain.own], out.learn_phi[chain.own]
         self.examples_learned += len(learn)
         self.meta.schedule.count(len(learn))
         if len(learn):
             labelled = ExampleIds(ops.item[learn], ops.item_feats[learn], user_feats[learn])
             self.online.step(labelled, rep.q[learn], rep.base[learn], rep.side[learn],
-                             ops.label[learn], out.learn_phi[learn])
-        return Scores(out.p, out.k)
+                             ops.label[learn], learn_phi[learn])
+        return Scores(p, k)
 
     @property
     def meta_due(self) -> bool:
@@ -124,3 +143,29 @@ class OnlineLearner:
     @property
     def meta_updates(self) -> int:
         return self.meta.updates
+
+
+class _Chain(NamedTuple):
+    """A micro-batch's ops with each label of a task that has a prior learned by the
+    prior too, just after: the rows the serving loop runs."""
+
+    op: np.ndarray  # the op each entry runs
+    rows: np.ndarray  # its row: the op's task, or the prior learning the op's label
+    prior: np.ndarray  # the prior row of an op's own entry, -1 for none
+    own: np.ndarray  # by op, its own entry
+
+
+def _with_priors(rows: np.ndarray, kind: np.ndarray, prior: np.ndarray) -> _Chain:
+    """The entries in stream order: every op, then its label again on its prior (after
+    the task has met the label with what it had: the prior's weights if it had no
+    labels yet)."""
+    again = (kind == LEARN) & (prior >= 0)
+    own = np.arange(len(rows)) + np.cumsum(again) - again
+    op = np.empty(len(rows) + int(again.sum()), dtype=np.int64)
+    op[own] = np.arange(len(rows))
+    repeat = own[again] + 1
+    op[repeat] = np.flatnonzero(again)
+    chain_rows, chain_prior = rows[op], prior[op]
+    chain_rows[repeat] = prior[again]
+    chain_prior[repeat] = -1
+    return _Chain(op, chain_rows, chain_prior, own)

@@ -22,6 +22,7 @@ from metarec.kernels import ExampleIds
 from metarec.model import Theta
 from metarec.representation import theta_arrays
 from metarec.session import SessionConfig, config_hash
+from metarec.task_key import TaskKey
 from metarec.theta_state import Delta, add, check, row_views
 from metarec.user_state import UserCodec
 from metarec.users import ItemFeatures, UserStore
@@ -69,6 +70,7 @@ class LiveModel:
         # views of θ, which deltas change in place: taken once, not per request
         self._theta = theta_arrays(theta)
         self._phi0 = theta["phi0"].numpy()
+        self._task_key = TaskKey(config.learner.task_context)
         # a one-row store only gives the codec the layout of a user's value
         layout = UserStore(m.phi_dim, config.learner.task_size, m.features.user_slots,
                            m.features.context_slots, self.items, capacity=1)
@@ -145,7 +147,7 @@ class LiveModel:
         item_feats = enc.item_feats
         unknown = ~item_feats.any(axis=1)
         item_feats[unknown] = self.items.table[enc.item[unknown]]
-        row = self._rows.get(user_id)
+        row = self._row(user_id, context or {})
         user = enc.user_feats
         if row is not None and not user_features:
             user = self._features[row].astype(np.int64)
@@ -155,6 +157,17 @@ class LiveModel:
         p = np.empty(n, dtype=np.float64)
         kernels.predict(ExampleIds(enc.item, item_feats, side), self._theta, phi, p)
         return Scores(p, row is not None, int(self._learned[row]) if row is not None else 0)
+
+    def _row(self, user_id: str, context: Features) -> int | None:
+        """The row of the user's task in this context: a user × context task once it
+        has labels (before, it has the user's weights, as in the consumer), else the
+        user's own; None for a user without state."""
+        key = self._task_key.of(user_id, context)
+        if key != user_id:
+            row = self._rows.get(key)
+            if row is not None and self._learned[row] > 0:
+                return row
+        return self._rows.get(user_id)
 
     # -- figures -------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from metarec.ordering import EventTimeOrder, Held, OrderConfig
 from metarec.predictions import Predictions
 from metarec.records import DeadLetter, Record
 from metarec.snapshot import SCHEMA
+from metarec.task_key import TaskKey
 from metarec.theta_state import Delta, ThetaState
 from metarec.user_state import Restored, UserChanges, UserCodec
 
@@ -172,7 +173,8 @@ class StreamSession:
                                item_cache_bytes=c.item_cache_bytes,
                                user_cache_bytes=c.user_cache_bytes,
                                context_cache_bytes=c.context_cache_bytes,
-                               token_cache_bytes=c.token_cache_bytes)
+                               token_cache_bytes=c.token_cache_bytes,
+                               task_key=TaskKey(config.learner.task_context))
         self._evaluation = Prequential(keep_all=keep_all)
         self._drift = DriftMonitor(config.drift)
         self._dead_letters: Counter[str] = Counter()
@@ -489,9 +491,12 @@ class StreamSession:
         """Evaluation, drift and counters of what a call learned."""
         if learned and self._changes is not None:
             changes = self._changes
+            task_key = self._encoder.task_key
             for lab in learned:
-                changes.learned(lab.impression.user_id, lab.partition,
-                                (lab.offset, lab.click_offset))
+                imp = lab.impression
+                changes.learned(imp.user_id, lab.partition, (lab.offset, lab.click_offset))
+                if task_key.field is not None:
+                    changes.touched(task_key.of(imp.user_id, imp.context), lab.partition)
         if learned:
             preds = result.predictions = Predictions.of(learned)
             self._evaluation.update(preds.p, preds.label, preds.k)

@@ -164,6 +164,11 @@ class UserChanges:
         if offset >= 0:
             self.scores.setdefault(user, {})[offset] = (p, k)
 
+    def touched(self, key: str, partition: int) -> None:
+        """A row changed that holds no offsets (a user × context task's)."""
+        self.partition[key] = partition
+        self.dirty.add(key)
+
     def learned(self, user: str, partition: int, offsets: tuple[int, int]) -> None:
         """A label of ``user`` learned: its impression's (and click's) offsets."""
         self.partition[user] = partition

@@ -30,18 +30,23 @@ def learned(s: StreamSession) -> dict[str, int]:
     return {u: int(store.learned[row]) for u, row in store.rows.items()}
 
 
-@pytest.mark.parametrize("release", ["window_end", "on_arrival"])
-def test_a_session_restored_at_a_commit_learns_the_rest_exactly_once(release: str) -> None:
+@pytest.mark.parametrize(("release", "task_context"), [
+    ("window_end", None), ("on_arrival", None), ("window_end", "platform")])
+def test_a_session_restored_at_a_commit_learns_the_rest_exactly_once(
+        release: str, task_context: str | None) -> None:
     """Crash after a commit and after more learning: the restored session, fed the
     records again from the committed offset, ends with every user's labels learned
     once, as the uninterrupted session does, and θ counts the same labels. (Clicks
     learned on arrival are learned while older impressions wait, past the offset
-    committed: the restored session skips them when they are read again.)"""
-    whole = session(click_release=release)
+    committed: the restored session skips them when they are read again.) With a
+    task key, every (user, platform) task as well as every user."""
+    whole = session(click_release=release, task_context=task_context)
     whole.process(RECORDS)
     whole.finish()
+    if task_context is not None:
+        assert sum("\x1f" in key for key in learned(whole)) > len(learned(whole)) / 2
 
-    first = session(click_release=release)
+    first = session(click_release=release, task_context=task_context)
     first.process(RECORDS[:2000])
     committed = first.held_offsets().get(0, 2000)
     checkpoint = first.checkpoint({0: committed})
@@ -49,7 +54,7 @@ def test_a_session_restored_at_a_commit_learns_the_rest_exactly_once(release: st
     first.committed()
     first.process(RECORDS[2000:2600])  # learned, never made durable: the crash
 
-    restored = session(click_release=release)
+    restored = session(click_release=release, task_context=task_context)
     restored.apply_delta(Delta.loads(checkpoint.theta.dumps()))
     found = restored.restore(0, checkpoint.users[0], committed)
     assert found.refused == 0

@@ -14,7 +14,9 @@ from metarec.learner import PREDICT
 from metarec.live_model import LiveModel
 from metarec.records import Record
 from metarec.session import StreamSession
+from metarec.task_key import TaskKey
 from metarec.theta_state import Delta, DeltaError
+from streamer.config import Settings
 from tests.helpers import small_settings
 
 SETTINGS = small_settings()
@@ -31,11 +33,11 @@ def _events() -> list[dict[str, object]]:
 Learned = tuple[StreamSession, LiveModel, dict[str, tuple[bytes, int]]]
 
 
-def _learned_session() -> Learned:
+def _learned_session(settings: Settings = SETTINGS) -> Learned:
     """A consumer's session after a stream, and a live model fed what its durable
     point wrote: θ from before the stream plus the delta, and every user's value."""
-    session = StreamSession(SETTINGS.session, durable=True, wall_clock=False)
-    live = LiveModel(SETTINGS.session, {k: v.clone() for k, v in session.learner.theta.items()})
+    session = StreamSession(settings.session, durable=True, wall_clock=False)
+    live = LiveModel(settings.session, {k: v.clone() for k, v in session.learner.theta.items()})
     session.process([Record(json.dumps(e).encode(), partition=0, offset=i)
                      for i, e in enumerate(_events())])
     session.finish()
@@ -58,7 +60,8 @@ def _consumer_scores(session: StreamSession, user: str, items: list[tuple[str, d
     imps = [Impression(type="impression", user_id=user, item_id=i, impression_id=f"x{n}",
                        timestamp=0.0, context=context, item_features=f)
             for n, (i, f) in enumerate(items)]
-    encoder = Encoder(SETTINGS.session.learner.model.features)
+    learner = session.config.learner
+    encoder = Encoder(learner.model.features, task_key=TaskKey(learner.task_context))
     ops = encoder.encode(imps, [PREDICT] * len(imps), [0.0] * len(imps))
     return session.learner.process(ops).p
 
@@ -80,6 +83,27 @@ def test_a_served_score_equals_the_consumers_prediction(
     np.testing.assert_allclose(served.p, _consumer_scores(session, user, ITEMS, context),
                                rtol=0, atol=1e-6)
     assert served.known == (user != "someone-new")
+
+
+@pytest.fixture(scope="module")
+def learned_by_platform() -> Learned:
+    return _learned_session(small_settings(task_context="platform"))
+
+
+@pytest.mark.parametrize(("user", "context"), [
+    ("u10", {"platform": "ios"}), ("u10", {"platform": "web", "region": "r1"}),
+    ("u10", {"platform": "a-new-platform"}), ("u10", {}), ("someone-new", {"platform": "ios"})])
+def test_with_a_task_key_a_served_score_equals_the_consumers_prediction(
+        learned_by_platform: Learned, user: str, context: dict[str, str]) -> None:
+    """In a platform the user has labels in, their task there scores; elsewhere (or
+    with no platform) the user's own weights, from which a new task starts."""
+    session, live, values = learned_by_platform
+    served = live.score(user, list(ITEMS), context=context)
+    np.testing.assert_allclose(served.p, _consumer_scores(session, user, ITEMS, context),
+                               rtol=0, atol=1e-6)
+    key = TaskKey("platform").of(user, context)
+    finer = key != user and key in values
+    assert finer == (user == "u10" and context.get("platform") in ("ios", "web"))
 
 
 def test_personal_weights_move_scores_away_from_a_new_users(

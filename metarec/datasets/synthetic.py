@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+PLATFORMS = ("web", "ios", "android")
+
 
 @dataclass(frozen=True)
 class SyntheticStream:
@@ -52,6 +54,11 @@ class SyntheticStream:
     # clicks do not change)
     drift: str | None = None
     drift_at: float = 0.5
+    # taste that differs by platform: a user's taste on each platform is their own plus
+    # this times a direction of their own for that platform, and each event's platform
+    # is drawn at random (0: one taste, the platforms in turn; not with a drift but
+    # "platform_shift", whose clicks ignore it)
+    platform_taste: float = 0.0
 
     def cluster_of_users(self) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
@@ -69,7 +76,10 @@ class SyntheticStream:
         popularity = rng.normal(scale=0.5, size=self.items)
         category = np.argmax(item_vec[:, :2], axis=1) + 2 * (item_vec[:, 2] > 0)
 
-        rows: list[tuple[float, int, int, bool]] = []
+        rows: list[tuple[float, int, int, bool, int]] = []
+        # its own generator: without platform taste, the stream is as it always was
+        platform_rng = np.random.default_rng([self.seed, 3])
+        platform_dev = platform_rng.normal(size=(self.users, len(PLATFORMS), self.latent))
         arrival = np.sort(rng.uniform(0, self.span_seconds * 0.8, size=self.users))
         for u in range(self.users):
             n = max(2, int(rng.poisson(self.events_per_user)))
@@ -80,19 +90,26 @@ class SyntheticStream:
             times = self.start + arrival[u] + np.cumsum(gaps)
             shown = rng.integers(0, self.items, size=n)
             logits = popularity[shown] + self.taste_scale * item_vec[shown] @ taste[u]
+            on = np.full(n, -1)
+            if self.platform_taste:
+                on = platform_rng.integers(0, len(PLATFORMS), size=n)
+                logits += self.taste_scale * self.platform_taste * np.einsum(
+                    "nl,nl->n", item_vec[shown], platform_dev[u, on])
             clicked = rng.random(n) < 1 / (1 + np.exp(-logits))
             rows.extend(zip(times.tolist(), [u] * n, shown.tolist(), clicked.tolist(),
-                            strict=True))
+                            on.tolist(), strict=True))
         rows.sort(key=lambda r: r[0])
         shift_from = len(rows) + 1
         if self.drift == "platform_shift":
             shift_from = int(len(rows) * self.drift_at)
         elif self.drift is not None:
             rows = self._drifted(rows, rng, clusters, taste, item_vec, popularity)
-        platform_rng = np.random.default_rng(self.seed + 2)
+        platform_rng = np.random.default_rng(self.seed + 2)  # the platforms in turn
         delays = self._click_delays(sum(1 for r in rows if r[3]))
         out: list[dict[str, Any]] = []
-        for n, (ts, u, item, click) in enumerate(rows):
+        for n, (ts, u, item, click, platform) in enumerate(rows):
+            if platform < 0:
+                platform = n % 3 if n < shift_from or platform_rng.random() >= 0.5 else 1
             event: dict[str, Any] = {
                 "type": "impression",
                 "impression_id": f"syn-{self.seed}-{n}",
@@ -100,10 +117,7 @@ class SyntheticStream:
                 "item_id": f"i{item}",
                 "timestamp": round(ts, 3),
                 # region follows the user's cluster, as a country often does
-                "context": {"platform": ["web", "ios", "android"][
-                                n % 3 if n < shift_from or platform_rng.random() >= 0.5
-                                else 1],
-                            "region": f"r{clusters[u]}"},
+                "context": {"platform": PLATFORMS[platform], "region": f"r{clusters[u]}"},
                 "item_features": {"category": f"c{category[item % self.items]}"},
             }
             if self.prelabelled:
@@ -126,13 +140,14 @@ class SyntheticStream:
         rng = np.random.default_rng([self.seed, 2])  # its own: the clicks stay the same
         return iter(np.exp(rng.uniform(np.log(lo), np.log(hi), size=clicks)).tolist())
 
-    def _drifted(self, rows: list[tuple[float, int, int, bool]], rng: np.random.Generator,
-                 clusters: np.ndarray, taste: np.ndarray, item_vec: np.ndarray,
-                 popularity: np.ndarray) -> list[tuple[float, int, int, bool]]:
+    def _drifted(self, rows: list[tuple[float, int, int, bool, int]],
+                 rng: np.random.Generator, clusters: np.ndarray, taste: np.ndarray,
+                 item_vec: np.ndarray, popularity: np.ndarray
+                 ) -> list[tuple[float, int, int, bool, int]]:
         """Re-draw the clicks (and items) of the events after the drift point."""
         start = int(len(rows) * self.drift_at)
         out = rows[:start]
-        for ts, u, item, _ in rows[start:]:
+        for ts, u, item, _, platform in rows[start:]:
             shown, user_taste, shift = item, taste[u], 0.0
             if self.drift == "click_rate":
                 shift = 1.5
@@ -144,5 +159,6 @@ class SyntheticStream:
                 raise ValueError(f"unknown drift {self.drift!r}")
             base = shown % self.items  # new items behave like old ones, under new ids
             logit = popularity[base] + shift + self.taste_scale * item_vec[base] @ user_taste
-            out.append((ts, u, shown, bool(rng.random() < 1 / (1 + np.exp(-logit)))))
+            out.append((ts, u, shown, bool(rng.random() < 1 / (1 + np.exp(-logit))),
+                        platform))
         return out
