@@ -46,7 +46,11 @@ OURS: dict[str, dict[str, Any]] = {
     "metarec Reptile, constant inner rate": {"algorithm": "reptile", "inner_rate_labels": 0},
     "metarec Reptile, before (recency 0.85, constant rate)": {
         "algorithm": "reptile", "inner_rate_labels": 0, "recency": 0.85},
+    # initialisations by segment: φ_0 plus a meta-learned offset per value of a feature
+    "metarec Reptile, φ₀ by occupation": {"algorithm": "reptile", "init_segment": "occupation"},
+    "metarec Reptile, φ₀ by gender": {"algorithm": "reptile", "init_segment": "gender"},
     "metarec MAML (= ANIL, see README)": {"algorithm": "maml"},
+    "metarec MAML, φ₀ by occupation": {"algorithm": "maml", "init_segment": "occupation"},
     "metarec first-order MAML": {"algorithm": "fomaml"},
     "metarec Meta-SGD": {"algorithm": "metasgd"},
     # the prototype averages the task: at its best with the task's older examples

@@ -15,6 +15,7 @@ from metarec.features import (
     TOKEN_CACHE_BYTES,
     BoundedCache,
     FeatureSpec,
+    Segments,
     SlotCache,
     TokenBuckets,
     context_bytes,
@@ -36,9 +37,10 @@ class Encoder:
                  user_cache_bytes: int = SLOT_CACHE_BYTES,
                  context_cache_bytes: int = CONTEXT_CACHE_BYTES,
                  token_cache_bytes: int = TOKEN_CACHE_BYTES,
-                 task_key: TaskKey | None = None):
+                 task_key: TaskKey | None = None, segments: Segments | None = None):
         self.spec = spec
         self.task_key = task_key or TaskKey(None)
+        self.segments = segments
         self.tokens = TokenBuckets(spec.feature_buckets, token_cache_bytes)
         self.items = SlotCache(spec.item_slots, spec, "item=", item_cache_bytes, self.tokens)
         self.users = SlotCache(spec.user_slots, spec, None, user_cache_bytes, self.tokens)
@@ -91,6 +93,10 @@ class Encoder:
             context.append(context_slot(imp.context) if imp.context else no_context)
         at = np.array(src, dtype=np.int64)
         users = [imp.user_id for imp in impressions]
+        segment = None
+        if self.segments is not None:
+            of = self.segments.of
+            segment = np.array([of(imp.user_features) for imp in impressions], dtype=np.int64)
         prior = None
         if self.task_key.field is not None:
             key = self.task_key.of
@@ -98,6 +104,7 @@ class Encoder:
         return Ops(
             user=users,
             prior=prior,
+            segment=segment,
             kind=np.asarray(kinds, dtype=np.int64),
             item=np.array(items, dtype=np.int64)[at],
             item_feats=_matrix(item_feats, spec.item_slots)[at],

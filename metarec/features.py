@@ -72,6 +72,20 @@ def bucket(token: str, buckets: int) -> int:
     return zlib.crc32(token.encode()) % (buckets - 1) + 1
 
 
+class Segments:
+    """Users' segments by the value of one of their features: ``field=value`` hashed
+    into rows 1 .. buckets - 1 of a table; 0 for no such feature (``field`` None: 0
+    for everyone)."""
+
+    def __init__(self, field: str | None, buckets: int):
+        self.field = field
+        self.buckets = buckets
+
+    def of(self, features: Mapping[str, FeatureValue]) -> int:
+        value = None if self.field is None else features.get(self.field)
+        return 0 if value is None else bucket(f"{self.field}={value}", self.buckets)
+
+
 def tokens(features: Mapping[str, FeatureValue], width: int = sys.maxsize) -> list[str]:
     """The ``field=value`` tokens of a mapping, in order (one per element of a list
     value), the first ``width`` of them at most: the rest would be dropped anyway,

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field
 
 from metarec import serving
 from metarec.adaptation import user_adaptation
 from metarec.kernels import LEARN, PREDICT, ExampleIds, OpArrays
 from metarec.meta import MetaConfig, MetaReport, MetaTrainer
-from metarec.model import ModelConfig, Theta, init_theta
+from metarec.model import ModelConfig, Theta, init_theta, initial_phi
 from metarec.online import OnlineTheta
 from metarec.representation import represent
 from metarec.users import ItemFeatures, UserStore
@@ -58,6 +59,8 @@ class Ops:
     # the task each op's task refines (a user × context task's user), None for none:
     # such a task starts from its prior's weights, and the prior learns every label too
     prior: list[str] | None = None
+    # n, each op's user's segment (0: none), which picks a new user's φ_0; None: none
+    segment: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user)
@@ -94,14 +97,20 @@ class OnlineLearner:
         if len(ops) == 0:
             return Scores(np.full(0, np.nan), np.zeros(0, dtype=np.int64))
         users = self.users
-        phi0 = self.theta["phi0"]
-        rows = users.rows_for(ops.user, phi0)
+        start = self.theta["phi0"].numpy()
+        if ops.segment is not None:
+            with torch.no_grad():
+                start = initial_phi(self.theta, torch.from_numpy(ops.segment)).numpy()
+        rows = users.rows_for(ops.user, start)
         prior = (np.full(len(ops), -1, dtype=np.int64) if ops.prior is None
-                 else users.rows_for(ops.prior, phi0))
+                 else users.rows_for(ops.prior, start))
         prior[prior == rows] = -1  # an op without a finer task learns on its prior alone
         users.set_features(rows, ops.user_feats)
         if ops.prior is not None:
             users.set_features(prior[prior >= 0], ops.user_feats[prior >= 0])
+        if ops.segment is not None:
+            users.set_segments(rows, ops.segment)
+            users.set_segments(prior[prior >= 0], ops.segment[prior >= 0])
         self.items.update(ops.item, ops.item_feats)
         learn = np.flatnonzero(ops.kind == LEARN)
         self.online.start_items(ops.item[learn])

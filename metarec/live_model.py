@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from metarec import kernels
 from metarec.encoding import Encoder
 from metarec.events import FeatureValue
 from metarec.kernels import ExampleIds
-from metarec.model import Theta
+from metarec.model import SEGMENT_INIT, Theta, initial_phi, segments
 from metarec.representation import theta_arrays
 from metarec.session import SessionConfig, config_hash
 from metarec.task_key import TaskKey
@@ -30,6 +31,7 @@ from metarec.users import ItemFeatures, UserStore
 #: the arrays of a θ delta that scoring reads (the optimisers' accumulators are not)
 SERVED_ARRAYS = frozenset({"theta/item_emb", "theta/item_bias", "theta/feat_emb",
                            "theta/feat_bias", "theta/global_bias", "theta/phi0",
+                           f"theta/{SEGMENT_INIT}",
                            "items/features"})
 
 Features = Mapping[str, FeatureValue]
@@ -69,8 +71,8 @@ class LiveModel:
         self._arrays = {**row_views("theta", theta), "items/features": self.items.table}
         # views of θ, which deltas change in place: taken once, not per request
         self._theta = theta_arrays(theta)
-        self._phi0 = theta["phi0"].numpy()
         self._task_key = TaskKey(config.learner.task_context)
+        self._segments = segments(m)
         # a one-row store only gives the codec the layout of a user's value
         layout = UserStore(m.phi_dim, config.learner.task_size, m.features.user_slots,
                            m.features.context_slots, self.items, capacity=1)
@@ -153,10 +155,15 @@ class LiveModel:
             user = self._features[row].astype(np.int64)
         # one contiguous row per candidate: the kernels' compiled form for the consumer
         side = np.tile(np.concatenate([user, enc.context]), (n, 1))
-        phi = self._phi[row] if row is not None else self._phi0
+        phi = self._phi[row] if row is not None else self._initial_phi(user_features or {})
         p = np.empty(n, dtype=np.float64)
         kernels.predict(ExampleIds(enc.item, item_feats, side), self._theta, phi, p)
         return Scores(p, row is not None, int(self._learned[row]) if row is not None else 0)
+
+    def _initial_phi(self, user_features: Features) -> np.ndarray:
+        """A new user's weights, as the consumer starts them."""
+        segment = 0 if self._segments is None else self._segments.of(user_features)
+        return initial_phi(self.theta, torch.tensor([segment]))[0].numpy()
 
     def _row(self, user_id: str, context: Features) -> int | None:
         """The row of the user's task in this context: a user × context task once it

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from metarec.features import FeatureSpec
+from metarec.features import FeatureSpec, Segments
 
 Theta = dict[str, torch.Tensor]
 TABLES = ("item_emb", "item_bias", "feat_emb", "feat_bias")
 DENSE = ("global_bias", "phi0", "log_inner_lr")
+#: θ's offsets of φ_0 by a user feature's value (only with ``init_segment``)
+SEGMENT_INIT = "phi0_segment"
 
 
 class Adaptation(StrEnum):
@@ -52,6 +54,12 @@ class ModelConfig(BaseModel):
         15.0, ge=0, description="the inner rate shrinks with the user's labels k as "
         "(1 + k / this)^-1/2, as a per-user Adagrad's would (0: a constant rate)")
     inner_l2: float = Field(0.01, ge=0, description="pull of φ_u towards φ_0 in the inner loss")
+    init_segment: str | None = Field(
+        None, description="a user feature (e.g. occupation) whose value picks a new user's "
+        "initialisation: φ_0 plus a meta-learned offset for that value; none: φ_0 for all")
+    init_segment_buckets: int = Field(
+        64, ge=2, description="rows of the table of offsets that values of init_segment are "
+        "hashed into (row 0: users without the feature)")
     recency: float = Field(0.1, gt=0, le=1, description="weight of a task example per label "
                            "given after it (1: all equal; 0.1: mostly the newest label, with "
                            "the rate shrinking by inner_rate_labels a per-user SGD step)")
@@ -61,12 +69,23 @@ class ModelConfig(BaseModel):
         return self.dim + 1
 
 
+def segments(config: ModelConfig) -> Segments | None:
+    """How users are segmented for their initialisation (None: they are not)."""
+    if config.init_segment is None:
+        return None
+    return Segments(config.init_segment, config.init_segment_buckets)
+
+
 def theta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shape of each of θ's parameters (what :func:`init_theta` allocates)."""
     spec, d = config.features, config.dim
-    return {"item_emb": (spec.item_buckets, d), "item_bias": (spec.item_buckets,),
-            "feat_emb": (spec.feature_buckets, d), "feat_bias": (spec.feature_buckets,),
-            "global_bias": (1,), "phi0": (config.phi_dim,), "log_inner_lr": (config.phi_dim,)}
+    shapes = {"item_emb": (spec.item_buckets, d), "item_bias": (spec.item_buckets,),
+              "feat_emb": (spec.feature_buckets, d), "feat_bias": (spec.feature_buckets,),
+              "global_bias": (1,), "phi0": (config.phi_dim,),
+              "log_inner_lr": (config.phi_dim,)}
+    if config.init_segment is not None:
+        shapes[SEGMENT_INIT] = (config.init_segment_buckets, config.phi_dim)
+    return shapes
 
 
 def init_theta(config: ModelConfig, seed: int) -> Theta:
@@ -78,7 +97,7 @@ def init_theta(config: ModelConfig, seed: int) -> Theta:
     spec, d = config.features, config.dim
     phi0 = torch.zeros(config.phi_dim)
     phi0[:d] = torch.randn(d, generator=gen) * config.init_scale
-    return {
+    theta = {
         "item_emb": torch.zeros(spec.item_buckets, d),
         "item_bias": torch.zeros(spec.item_buckets),
         "feat_emb": torch.zeros(spec.feature_buckets, d),
@@ -87,6 +106,18 @@ def init_theta(config: ModelConfig, seed: int) -> Theta:
         "phi0": phi0,
         "log_inner_lr": torch.full((config.phi_dim,), float(np.log(config.inner_lr))),
     }
+    if config.init_segment is not None:
+        theta[SEGMENT_INIT] = torch.zeros(config.init_segment_buckets, config.phi_dim)
+    return theta
+
+
+def initial_phi(theta: Theta, segment: torch.Tensor) -> torch.Tensor:
+    """Each task's initialisation (n x d+1) by its user's segment: φ_0, plus the
+    segment's offset where θ has them (segment 0, no value: none, and no gradient)."""
+    offsets = theta.get(SEGMENT_INIT)
+    if offsets is None:
+        return theta["phi0"].expand(len(segment), -1)
+    return theta["phi0"] + offsets[segment] * (segment > 0).unsqueeze(-1)
 
 
 class Examples(NamedTuple):

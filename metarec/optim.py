@@ -33,10 +33,9 @@ class Localized:
             self.theta[name] = theta[name][self.item_rows].requires_grad_()
         for name in FEATURE_TABLES:
             self.theta[name] = theta[name][self.feat_rows].requires_grad_()
-        for name in dense:
-            self.theta[name] = theta[name].clone().requires_grad_()
-        for name in set(DENSE) - set(dense):
-            self.theta[name] = theta[name]
+        for name, value in theta.items():
+            if name not in TABLES:  # learned ones as leaves, the rest as they are
+                self.theta[name] = value.clone().requires_grad_() if name in dense else value
         self.batches = [
             Examples(
                 torch.searchsorted(self.item_rows, b.item),

@@ -33,7 +33,7 @@ from metarec.features import (
 )
 from metarec.joiner import JoinConfig, Joiner, Labelled, Scored
 from metarec.learner import LEARN, PREDICT, LearnerConfig, MetaReport, OnlineLearner
-from metarec.model import Theta
+from metarec.model import Theta, segments
 from metarec.ordering import EventTimeOrder, Held, OrderConfig
 from metarec.predictions import Predictions
 from metarec.records import DeadLetter, Record
@@ -140,6 +140,8 @@ def config_hash(config: LearnerConfig) -> str:
     f = config.model.features
     layout = (f"{SCHEMA}|dim={config.model.dim}|item_buckets={f.item_buckets}"
               f"|feature_buckets={f.feature_buckets}")
+    if config.model.init_segment is not None:  # θ has the segments' offsets
+        layout += f"|init_segment_buckets={config.model.init_segment_buckets}"
     return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 
@@ -174,7 +176,8 @@ class StreamSession:
                                user_cache_bytes=c.user_cache_bytes,
                                context_cache_bytes=c.context_cache_bytes,
                                token_cache_bytes=c.token_cache_bytes,
-                               task_key=TaskKey(config.learner.task_context))
+                               task_key=TaskKey(config.learner.task_context),
+                               segments=segments(config.learner.model))
         self._evaluation = Prequential(keep_all=keep_all)
         self._drift = DriftMonitor(config.drift)
         self._dead_letters: Counter[str] = Counter()

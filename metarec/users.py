@@ -27,6 +27,7 @@ class UserTasks(NamedTuple):
     user_feats: np.ndarray  # n x W x (user_slots + context_slots): the user's, then context
     y: np.ndarray  # n x W, label
     mask: np.ndarray  # n x W, 1 for an example, 0 for an empty slot
+    segment: np.ndarray  # n, the user's segment (0: none), which picks their φ_0
 
     def ids(self) -> ExampleIds:
         return ExampleIds(self.item, self.item_feats, self.user_feats)
@@ -77,6 +78,10 @@ class UserStore:
         self.ring_item = np.zeros((cap, ring), dtype=np.int32)
         self.ring_context = np.zeros((cap, ring, context_slots), dtype=np.int32)
         self.ring_label = np.zeros((cap, ring), dtype=np.int8)
+        # the user's segment (0: none): it picked their start, and meta-updates learn
+        # each segment's start from its users. Not in the state store's values: a
+        # restored user's is known again from their next event with features.
+        self.segment = np.zeros(cap, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -85,7 +90,7 @@ class UserStore:
         """Forget every user (the arrays keep their capacity)."""
         n = len(self.rows)
         self.rows.clear()
-        for a in self._state():
+        for a in (*self._state(), self.segment):
             a[:n] = 0
 
     def _state(self) -> tuple[np.ndarray, ...]:
@@ -115,18 +120,27 @@ class UserStore:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for name in UserRows._fields:
+        for name in (*UserRows._fields, "segment"):
             arr = getattr(self, name)
             grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             grown[:cap] = arr
             setattr(self, name, grown)
 
-    def rows_for(self, user_ids: list[str], phi0: torch.Tensor) -> np.ndarray:
-        """Row of each user; a user seen for the first time starts at φ_0."""
+    def rows_for(self, user_ids: list[str], start: np.ndarray) -> np.ndarray:
+        """Row of each user; a user seen for the first time starts at ``start``: φ_0
+        (d+1), or each user's own initialisation (a row per id)."""
         rows, fresh = self._assign(user_ids)
-        if fresh:
-            self.phi[fresh] = phi0.detach().numpy()
+        if fresh and start.ndim == 1:
+            self.phi[fresh] = start
+        elif fresh:
+            seen, first = np.unique(rows, return_index=True)
+            self.phi[fresh] = start[first[np.searchsorted(seen, fresh)]]
         return rows
+
+    def set_segments(self, rows: np.ndarray, segment: np.ndarray) -> None:
+        """Latest known segment wins; an event without the feature keeps the old."""
+        has = segment > 0
+        self.segment[rows[has]] = segment[has]
 
     def _assign(self, user_ids: list[str]) -> tuple[np.ndarray, list[int]]:
         """Row of each user, new ones appended (the arrays grown to fit), and the
@@ -174,4 +188,5 @@ class UserStore:
         item = self.ring_item[r, slot]
         return UserTasks(item.astype(np.int64), self.items.table[item].astype(np.int64),
                          user_feats.astype(np.int64),
-                         self.ring_label[r, slot].astype(np.float32), mask.astype(np.float32))
+                         self.ring_label[r, slot].astype(np.float32), mask.astype(np.float32),
+                         self.segment[rows])

@@ -5,6 +5,7 @@ tests runs them."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from metarec.meta import split_masks
@@ -43,7 +44,7 @@ def random_tasks(n: int, r: int, seed: int = 1) -> tuple[Examples, torch.Tensor,
 def user_tasks(ex: Examples, y: torch.Tensor, mask: torch.Tensor) -> UserTasks:
     """The tasks as the user store hands them to a meta-learner."""
     return UserTasks(ex.item.numpy(), ex.item_feats.numpy(), ex.user_feats.numpy(),
-                     y.numpy(), mask.numpy())
+                     y.numpy(), mask.numpy(), np.zeros(len(y), dtype=np.int64))
 
 
 def recency_weights(length: int, recency: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from metarec.datasets.synthetic import SyntheticStream
 from metarec.encoding import Encoder
 from metarec.learner import PREDICT
 from metarec.live_model import LiveModel
+from metarec.model import SEGMENT_INIT, segments
 from metarec.records import Record
 from metarec.session import StreamSession
 from metarec.task_key import TaskKey
@@ -52,16 +53,19 @@ def _learned_session(settings: Settings = SETTINGS) -> Learned:
 
 
 def _consumer_scores(session: StreamSession, user: str, items: list[tuple[str, dict[str, str]]],
-                     context: dict[str, str]) -> np.ndarray:
+                     context: dict[str, str],
+                     user_features: dict[str, str] | None = None) -> np.ndarray:
     """What the consumer's learner predicts for these impressions now (predictions
     only: nothing is learned)."""
     from metarec.events import Impression
 
     imps = [Impression(type="impression", user_id=user, item_id=i, impression_id=f"x{n}",
-                       timestamp=0.0, context=context, item_features=f)
+                       timestamp=0.0, context=context, item_features=f,
+                       user_features=user_features or {})
             for n, (i, f) in enumerate(items)]
     learner = session.config.learner
-    encoder = Encoder(learner.model.features, task_key=TaskKey(learner.task_context))
+    encoder = Encoder(learner.model.features, task_key=TaskKey(learner.task_context),
+                      segments=segments(learner.model))
     ops = encoder.encode(imps, [PREDICT] * len(imps), [0.0] * len(imps))
     return session.learner.process(ops).p
 
@@ -104,6 +108,19 @@ def test_with_a_task_key_a_served_score_equals_the_consumers_prediction(
     key = TaskKey("platform").of(user, context)
     finer = key != user and key in values
     assert finer == (user == "u10" and context.get("platform") in ("ios", "web"))
+
+
+def test_a_new_user_is_served_from_the_start_of_their_segment() -> None:
+    """With initialisations by segment (here the age group some users tell), a user
+    without state is scored from their segment's start, as the consumer would
+    score them; one who does not tell it, from φ_0."""
+    session, live, _ = _learned_session(small_settings(init_segment="age"))
+    assert live.theta[SEGMENT_INIT].abs().sum() > 0  # meta-updates moved the starts
+    told, untold = {"age": "a2"}, {}
+    for user, features in (("new-1", told), ("new-2", untold)):
+        served = live.score(user, list(ITEMS), context={}, user_features=features)
+        np.testing.assert_allclose(
+            served.p, _consumer_scores(session, user, ITEMS, {}, features), rtol=0, atol=1e-6)
 
 
 def test_personal_weights_move_scores_away_from_a_new_users(

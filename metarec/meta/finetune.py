@@ -12,8 +12,7 @@ from metarec.model import Examples, Theta, bce, logit, represent
 
 
 class FineTune(Objective):
-    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-        phi = theta["phi0"].expand(y.shape[0], -1)
+    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor, mask: torch.Tensor,
+             start: torch.Tensor) -> torch.Tensor:
         q, base = represent(theta, tasks)
-        return bce(logit(phi.unsqueeze(-2), q, base), y, mask)
+        return bce(logit(start.unsqueeze(-2), q, base), y, mask)

@@ -10,7 +10,16 @@ import torch
 from metarec.adaptation import user_adaptation
 from metarec.meta.base import MetaDirection, inner_weights, split_masks
 from metarec.meta.config import MetaConfig
-from metarec.model import Examples, ModelConfig, Theta, bce, logit, represent
+from metarec.model import (
+    SEGMENT_INIT,
+    Examples,
+    ModelConfig,
+    Theta,
+    bce,
+    initial_phi,
+    logit,
+    represent,
+)
 from metarec.optim import Localized, gradients
 from metarec.users import UserTasks
 
@@ -27,15 +36,19 @@ class Objective(ABC):
         self.adaptation = user_adaptation(model)
 
     def direction(self, tasks: UserTasks, theta: Theta) -> MetaDirection:
-        view = Localized(theta, [tasks.examples()], dense=self.learns)
+        # the segments' offsets of φ_0, where θ has them, are learned with φ_0
+        dense = self.learns + ((SEGMENT_INIT,) if SEGMENT_INIT in theta else ())
+        view = Localized(theta, [tasks.examples()], dense=dense)
+        start = initial_phi(view.theta, torch.from_numpy(tasks.segment))
         loss = self.loss(view.theta, view.batches[0], torch.from_numpy(tasks.y),
-                         torch.from_numpy(tasks.mask))
+                         torch.from_numpy(tasks.mask), start)
         return MetaDirection(gradients(loss, view), view, float(loss.detach()))
 
     @abstractmethod
-    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-        """The objective on tasks n x R (``mask`` 1 for an example, oldest first)."""
+    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor, mask: torch.Tensor,
+             start: torch.Tensor) -> torch.Tensor:
+        """The objective on tasks n x R (``mask`` 1 for an example, oldest first), each
+        starting from its row of ``start`` (its user's initialisation)."""
 
 
 class QueryLoss(Objective):
@@ -46,9 +59,9 @@ class QueryLoss(Objective):
 
     first_order = False
 
-    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-        phi = theta["phi0"].expand(y.shape[0], -1)
+    def loss(self, theta: Theta, tasks: Examples, y: torch.Tensor, mask: torch.Tensor,
+             start: torch.Tensor) -> torch.Tensor:
+        phi = start
         q, base = represent(theta, tasks)  # once: support and query share the examples
         support, query = split_masks(mask)
         weight = torch.from_numpy(inner_weights(support.numpy(), self.model.recency,
