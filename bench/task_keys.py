@@ -4,15 +4,17 @@ differs by platform, and on one whose does not.
     .venv/bin/python -m bench.task_keys --seeds 0 1 2 --out bench/results
 
 Each stream is :class:`~metarec.datasets.synthetic.SyntheticStream` with
-``platform_taste`` 0 (one taste per user), 0.5 and 1 (a user's taste on each
-platform is their own plus that much of a direction of their own for the platform;
-each event's platform drawn at random), prelabelled, replayed through ``metarec
-replay`` with the default settings and:
+``user_noise`` 0.3 (a user's taste mostly their cluster's, which the region in the
+context tells) or 1 (as much their own), and ``platform_taste`` 0 (one taste per
+user), 0.5 or 1 (a user's taste on each platform is theirs plus that much of a
+direction of their own for the platform; each event's platform drawn at random),
+prelabelled, replayed through ``metarec replay`` with the default settings and:
 
 - **user alone**: the task key is the user (the default);
 - **user x platform**: ``--task-context platform``: each (user, platform) is a
-  task that starts from the user's own weights, which learn from all the user's
-  labels;
+  task whose weights are the user's own (learned from all the user's labels) plus a
+  residual learned from its own labels at 0.3 of the inner rate (the default);
+- the same with the residual at the full inner rate (``--task-residual-rate 1``);
 - **user x platform, no prior**: each (user, platform) as a user of its own (the
   events' user ids rewritten), so a user's first events on a platform start from
   φ_0.
@@ -38,20 +40,24 @@ import numpy as np
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.evaluation import auc
 
-TASTES = (0.0, 0.5, 1.0)
+#: (personal taste, platform taste) of the streams: a user's taste is their cluster's
+#: plus this much of their own, plus on each platform that much of the platform's
+TASTES = ((0.3, 0.0), (0.3, 0.5), (0.3, 1.0), (1.0, 0.0), (1.0, 0.5))
+Taste = tuple[float, float]
 USER_ALONE = "user alone"
 KEYED = "user x platform"
+KEYED_FULL = "user x platform, residual at the full rate"
 NO_PRIOR = "user x platform, no prior"
-VARIANTS = (USER_ALONE, KEYED, NO_PRIOR)
+VARIANTS = (USER_ALONE, KEYED, KEYED_FULL, NO_PRIOR)
 NEW_PLATFORM_EVENTS = 5  # a user's first events on a platform that count as new there
 
 
-def stream(taste: float, seed: int) -> SyntheticStream:
-    return SyntheticStream(users=1500, items=300, events_per_user=40, platform_taste=taste,
-                           seed=seed)
+def stream(taste: Taste, seed: int) -> SyntheticStream:
+    return SyntheticStream(users=1500, items=300, events_per_user=40, user_noise=taste[0],
+                           platform_taste=taste[1], seed=seed)
 
 
-def run(variant: str, taste: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def run(variant: str, taste: Taste, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Every impression's prediction and label, in stream order."""
     import torch
 
@@ -63,7 +69,10 @@ def run(variant: str, taste: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if variant == NO_PRIOR:
         events = [{**e, "user_id": f"{e['user_id']}@{e['context']['platform']}"}
                   for e in events]
-    overrides: dict[str, Any] = {"task_context": "platform"} if variant == KEYED else {}
+    by_variant: dict[str, dict[str, Any]] = {
+        KEYED: {"task_context": "platform"},
+        KEYED_FULL: {"task_context": "platform", "task_residual_rate": 1.0}}
+    overrides = by_variant.get(variant, {})
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "events.jsonl")
         source.write_text("".join(json.dumps(e) + "\n" for e in events))
@@ -80,7 +89,7 @@ def run(variant: str, taste: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return p, np.array([float(e["clicked"]) for e in events])
 
 
-def new_platform(taste: float, seed: int) -> np.ndarray:
+def new_platform(taste: Taste, seed: int) -> np.ndarray:
     """Events among a user's first few on a platform, after enough on the others."""
     seen: dict[str, int] = {}
     on: dict[tuple[str, str], int] = {}
@@ -106,15 +115,15 @@ def main() -> None:
         futures = {(v, t, s): pool.submit(run, v, t, s)
                    for t in TASTES for s in args.seeds for v in VARIANTS}
         runs = {key: f.result() for key, f in futures.items()}
-    figures: dict[tuple[str, float, int], tuple[float, float]] = {}
+    figures: dict[tuple[str, Taste, int], tuple[float, float]] = {}
     for (v, t, s), (p, y) in runs.items():
         new = new_platform(t, s)
         figures[v, t, s] = (auc(p, y), auc(p[new], y[new]))
     lines = [f"`python -m bench.task_keys --seeds {' '.join(map(str, args.seeds))}` "
              f"({time.perf_counter() - t0:.0f} s; 1,500 users, about 60,000 events a stream; "
              f"mean ± std over seeds {args.seeds}).", "",
-             "| platform taste | task key | AUC | new platform AUC | vs user alone: AUC "
-             "| new platform |", "|---:|---|---:|---:|---:|---:|"]
+             "| personal taste | platform taste | task key | AUC | new platform AUC "
+             "| vs user alone: AUC | new platform |", "|---:|---:|---|---:|---:|---:|---:|"]
     for t in TASTES:
         for v in VARIANTS:
             f = np.array([figures[v, t, s] for s in args.seeds])
@@ -122,7 +131,8 @@ def main() -> None:
             diff = (["-", "-"] if v == USER_ALONE else
                     [f"{d[:, c].mean():+.4f} ({d[:, c].min():+.4f} to {d[:, c].max():+.4f})"
                      for c in (0, 1)])
-            lines.append(f"| {t:g} | {v} | {f[:, 0].mean():.4f} ± {f[:, 0].std():.4f} | "
+            lines.append(f"| {t[0]:g} | {t[1]:g} | {v} | "
+                         f"{f[:, 0].mean():.4f} ± {f[:, 0].std():.4f} | "
                          f"{f[:, 1].mean():.4f} ± {f[:, 1].std():.4f} | {diff[0]} | {diff[1]} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -42,16 +42,20 @@ MAX_FEATURES = 64
 MAX_FEATURE_VALUES = 64
 
 
-def _bounded(*, max_length: int, min_length: int | None = None) -> tuple[object, object]:
-    """The same length bounds, for pydantic and for msgspec."""
-    return (Field(min_length=min_length, max_length=max_length),
-            msgspec.Meta(min_length=min_length, max_length=max_length))
+def _bounded(*, max_length: int, min_length: int | None = None,
+             pattern: str | None = None) -> tuple[object, object]:
+    """The same bounds, for pydantic and for msgspec."""
+    return (Field(min_length=min_length, max_length=max_length, pattern=pattern),
+            msgspec.Meta(min_length=min_length, max_length=max_length, pattern=pattern))
 
 
 FeatureValue = str | int | float | bool | Annotated[list[str],
                                                    *_bounded(max_length=MAX_FEATURE_VALUES)]
 Features = Annotated[dict[str, FeatureValue], *_bounded(max_length=MAX_FEATURES)]
 Identifier = Annotated[str, *_bounded(min_length=1, max_length=256)]
+#: a user id never holds the separator of a user × context task's key
+#: (:mod:`metarec.task_key`): one that did could write into another user's task
+UserId = Annotated[str, *_bounded(min_length=1, max_length=256, pattern="^[^\x1f]+$")]
 
 #: why a record is dead-lettered: the first five by :func:`decode_event`, the last two
 #: by the stream (:mod:`metarec.ordering`, :mod:`metarec.joiner`)
@@ -82,7 +86,7 @@ class Impression:
     __pydantic_config__ = _CONFIG
 
     type: Literal["impression"]
-    user_id: Identifier
+    user_id: UserId
     item_id: Identifier
     impression_id: Identifier
     timestamp: Timestamp
@@ -100,7 +104,7 @@ class Click:
     __pydantic_config__ = _CONFIG
 
     type: Literal["click"]
-    user_id: Identifier
+    user_id: UserId
     item_id: Identifier
     impression_id: Identifier
     timestamp: Timestamp

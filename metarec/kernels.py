@@ -125,8 +125,8 @@ class OpArrays(NamedTuple):
     task_of: np.ndarray  # n, the op's user's row in BatchTasks, -1 if they only predict
     item: np.ndarray  # n, item bucket
     context: np.ndarray  # n x context_slots
-    # n, the row of the task the op's task refines (-1: none): a task with no labels
-    # yet has that row's current weights (the user's, for a user × context task)
+    # n, the row of the task the op's task refines (-1: none): the user's, for a user ×
+    # context task, whose weights are the user's plus its own residual
     prior: np.ndarray
     prior_task: np.ndarray  # n, the prior row's row in BatchTasks, -1 if it is not there
 
@@ -140,6 +140,7 @@ class BatchTasks(NamedTuple):
     base: np.ndarray  # m x W
     y: np.ndarray  # m x W
     mask: np.ndarray  # m x W, 1 for a filled slot
+    prior: np.ndarray  # m, the prior row of a task that holds a residual, else -1
 
 
 class WeightedTasks(NamedTuple):
@@ -312,16 +313,32 @@ def adapt_tasks(phi: np.ndarray, tasks: WeightedTasks,
 
 
 @njit(cache=True, fastmath=FAST)
+def _adapt_residual(rule: GradientSteps | PrototypeShift, delta: np.ndarray,
+                    prior_phi: np.ndarray, q: np.ndarray, base: np.ndarray, y: np.ndarray,
+                    weight: np.ndarray, k: int, shifted: np.ndarray) -> None:
+    """Adapt a finer task's residual ``delta`` on its task, whose logits count its
+    prior's weights ``prior_phi`` (in ``base``, shifted into ``shifted``)."""
+    for s in range(q.shape[0]):
+        shifted[s] = _logit(prior_phi, q[s], base[s])
+    adapt(rule, delta, q, shifted, y, weight, k)
+
+
+@njit(cache=True, fastmath=FAST)
 def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray,
-          rule: GradientSteps | PrototypeShift, out: Served) -> None:
+          rule: GradientSteps | PrototypeShift, residual: GradientSteps | PrototypeShift,
+          out: Served) -> None:
     """Run a micro-batch's ops in stream order.
 
     A prediction writes ``out.p[i]`` and ``out.k[i]``; a label writes
     ``out.learn_phi[i]`` (the weights it met), joins the user's ring (in the store)
     and task, and the user is adapted by ``rule`` before their next prediction or
     at the end, each example weighted ``decay[age]``. So a user's consecutive
-    labels are learned as one step, as a wave of them would be. An op whose task
-    has a ``prior`` and no labels yet first takes the prior's weights.
+    labels are learned as one step, as a wave of them would be.
+
+    A task with a ``prior`` (a user × context task's user) holds a residual: its
+    weights are the prior's plus its own row, which ``residual`` adapts on the
+    task's own labels (towards zero, not φ_0). The prior is adapted before any
+    prediction of its user, in any context, as it would be with no finer tasks.
     """
     rows, kind, label, q, base = ops.rows, ops.kind, ops.label, ops.q, ops.base
     task_of, item, context = ops.task_of, ops.item, ops.context
@@ -330,38 +347,41 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
     ring_item, ring_context, ring_label = users.ring_item, users.ring_context, users.ring_label
     task_rows, task_q, task_base, task_y, task_mask = (tasks.rows, tasks.q, tasks.base, tasks.y,
                                                        tasks.mask)
+    task_prior = tasks.prior
     p, k, learn_phi = out.p, out.k, out.learn_phi
     stale = np.zeros(task_rows.shape[0], dtype=np.bool_)
     weight = np.empty(task_q.shape[1], dtype=np.float32)
+    shifted = np.empty(task_q.shape[1], dtype=np.float32)
     ring = ring_item.shape[1]
     for i in range(rows.shape[0]):
         r = rows[i]
         j = task_of[i]
         pr = prior[i]
-        if pr >= 0:
-            # the prior (the user's own task) is adapted when the user predicts in any
-            # context, as it would be with no finer tasks
-            jp = prior_task[i]
-            if kind[i] == PREDICT and jp >= 0 and stale[jp]:
-                _recency_weights(weight, task_mask[jp], decay, learned[pr])
-                adapt(rule, phi[pr], task_q[jp], task_base[jp], task_y[jp], weight, learned[pr])
-                stale[jp] = False
-            if learned[r] == 0:
-                # a task without labels has its prior's weights, up to its last label
-                phi[r] = phi[pr]
+        if kind[i] == PREDICT:
+            z = base[i]
+            if pr >= 0:
+                jp = prior_task[i]
                 if jp >= 0 and stale[jp]:
                     _recency_weights(weight, task_mask[jp], decay, learned[pr])
-                    adapt(rule, phi[r], task_q[jp], task_base[jp], task_y[jp], weight,
+                    adapt(rule, phi[pr], task_q[jp], task_base[jp], task_y[jp], weight,
                           learned[pr])
-        if kind[i] == PREDICT:
-            if j >= 0 and stale[j]:
+                    stale[jp] = False
+                if j >= 0 and stale[j]:
+                    _recency_weights(weight, task_mask[j], decay, learned[r])
+                    _adapt_residual(residual, phi[r], phi[pr], task_q[j], task_base[j],
+                                    task_y[j], weight, learned[r], shifted)
+                    stale[j] = False
+                z = _logit(phi[pr], q[i], z)
+            elif j >= 0 and stale[j]:
                 _recency_weights(weight, task_mask[j], decay, learned[r])
                 adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight, learned[r])
                 stale[j] = False
-            p[i] = _sigmoid(_logit(phi[r], q[i], base[i]))
+            p[i] = _sigmoid(_logit(phi[r], q[i], z))
             k[i] = learned[r]
             continue
         learn_phi[i] = phi[r]
+        if pr >= 0:
+            learn_phi[i] += phi[pr]
         s = learned[r] % ring
         task_q[j, s] = q[i]
         task_base[j, s] = base[i]
@@ -372,11 +392,18 @@ def serve(ops: OpArrays, users: UserArrays, tasks: BatchTasks, decay: np.ndarray
         ring_label[r, s] = np.int8(label[i])
         learned[r] += 1
         stale[j] = True
+    # priors first: a residual is adapted against its prior's weights as they end
     for j in range(task_rows.shape[0]):
-        if stale[j]:
+        if stale[j] and task_prior[j] < 0:
             r = task_rows[j]
             _recency_weights(weight, task_mask[j], decay, learned[r])
             adapt(rule, phi[r], task_q[j], task_base[j], task_y[j], weight, learned[r])
+    for j in range(task_rows.shape[0]):
+        if stale[j] and task_prior[j] >= 0:
+            r = task_rows[j]
+            _recency_weights(weight, task_mask[j], decay, learned[r])
+            _adapt_residual(residual, phi[r], phi[task_prior[j]], task_q[j], task_base[j],
+                            task_y[j], weight, learned[r], shifted)
 
 
 # -- representation ----------------------------------------------------------------------

@@ -41,8 +41,11 @@ class LearnerConfig(BaseModel):
     seed: int = Field(0, description="seed of the initialisation and of task sampling")
     task_context: str | None = Field(
         None, description="a context field (e.g. platform) that splits each user's task: "
-        "user x that field's value is a task with its own fast weights, which starts from "
-        "the user's own (learned from all the user's labels); none: the user alone")
+        "user x that field's value is a task whose weights are the user's own (learned from "
+        "all the user's labels) plus a residual learned from its labels; none: the user alone")
+    task_residual_rate: float = Field(
+        0.3, gt=0, le=1, description="with task_context, the residual's inner rate as a "
+        "fraction of the user's: small, a task follows its user; 1, its own labels as much")
 
 
 @dataclass
@@ -57,7 +60,8 @@ class Ops:
     context: np.ndarray  # n x context_slots
     label: np.ndarray  # float, meaningful for LEARN
     # the task each op's task refines (a user × context task's user), None for none:
-    # such a task starts from its prior's weights, and the prior learns every label too
+    # such a task's weights are its prior's plus a residual, and the prior learns every
+    # label too
     prior: list[str] | None = None
     # n, each op's user's segment (0: none), which picks a new user's φ_0; None: none
     segment: np.ndarray | None = None
@@ -101,10 +105,16 @@ class OnlineLearner:
         if ops.segment is not None:
             with torch.no_grad():
                 start = initial_phi(self.theta, torch.from_numpy(ops.segment)).numpy()
-        rows = users.rows_for(ops.user, start)
-        prior = (np.full(len(ops), -1, dtype=np.int64) if ops.prior is None
-                 else users.rows_for(ops.prior, start))
-        prior[prior == rows] = -1  # an op without a finer task learns on its prior alone
+        if ops.prior is None:
+            rows = users.rows_for(ops.user, start)
+            prior = np.full(len(ops), -1, dtype=np.int64)
+        else:
+            prior = users.rows_for(ops.prior, start)
+            # a finer task's row is a residual on its prior's weights: zero at first
+            finer = np.array([t != u for t, u in zip(ops.user, ops.prior, strict=True)])
+            rows = users.rows_for(ops.user, np.where(finer[:, None], 0.0, np.broadcast_to(
+                start, (len(ops), start.shape[-1]))).astype(np.float32))
+            prior[~finer] = -1  # an op without a finer task learns on its prior alone
         users.set_features(rows, ops.user_feats)
         if ops.prior is not None:
             users.set_features(prior[prior >= 0], ops.user_feats[prior >= 0])
@@ -122,7 +132,9 @@ class OnlineLearner:
         rep = represent(self.theta, ids)
         chain = _with_priors(rows, ops.kind, prior)
         at = chain.op
-        tasks = serving.batch_tasks(users, self.theta, chain.rows[ops.kind[at] == LEARN])
+        learning = ops.kind[at] == LEARN
+        tasks = serving.batch_tasks(users, self.theta, chain.rows[learning],
+                                    chain.prior[learning])
         op_arrays = OpArrays(rows=chain.rows, kind=ops.kind[at], label=ops.label[at],
                              q=rep.q[at], base=rep.base[at],
                              task_of=serving.task_index(tasks, chain.rows), item=ops.item[at],
@@ -131,7 +143,7 @@ class OnlineLearner:
         # the weights each example meets before it is learned: θ's online step
         # trains on exactly the situation a prediction is made in
         out = serving.serve(op_arrays, users, tasks, self.decay,
-                            self.adaptation.rule(self.theta))
+                            self.adaptation.rule(self.theta), self.config.task_residual_rate)
         p, k, learn_phi = out.p[chain.own], out.k[chain.own], out.learn_phi[chain.own]
         self.examples_learned += len(learn)
         self.meta.schedule.count(len(learn))
@@ -166,8 +178,7 @@ class _Chain(NamedTuple):
 
 def _with_priors(rows: np.ndarray, kind: np.ndarray, prior: np.ndarray) -> _Chain:
     """The entries in stream order: every op, then its label again on its prior (after
-    the task has met the label with what it had: the prior's weights if it had no
-    labels yet)."""
+    the task has met the label with the weights it had: the prior's plus its own)."""
     again = (kind == LEARN) & (prior >= 0)
     own = np.arange(len(rows)) + np.cumsum(again) - again
     op = np.empty(len(rows) + int(again.sum()), dtype=np.int64)

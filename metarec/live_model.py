@@ -149,32 +149,27 @@ class LiveModel:
         item_feats = enc.item_feats
         unknown = ~item_feats.any(axis=1)
         item_feats[unknown] = self.items.table[enc.item[unknown]]
-        row = self._row(user_id, context or {})
+        row = self._rows.get(user_id)
+        key = self._task_key.of(user_id, context or {})
+        finer = self._rows.get(key) if key != user_id else None
         user = enc.user_feats
         if row is not None and not user_features:
             user = self._features[row].astype(np.int64)
         # one contiguous row per candidate: the kernels' compiled form for the consumer
         side = np.tile(np.concatenate([user, enc.context]), (n, 1))
         phi = self._phi[row] if row is not None else self._initial_phi(user_features or {})
+        if finer is not None:  # the user's task in this context: a residual on theirs
+            phi = phi + self._phi[finer]
         p = np.empty(n, dtype=np.float64)
         kernels.predict(ExampleIds(enc.item, item_feats, side), self._theta, phi, p)
-        return Scores(p, row is not None, int(self._learned[row]) if row is not None else 0)
+        # labels of the task that scored, as the consumer counts them
+        task = row if key == user_id else finer
+        return Scores(p, row is not None, int(self._learned[task]) if task is not None else 0)
 
     def _initial_phi(self, user_features: Features) -> np.ndarray:
         """A new user's weights, as the consumer starts them."""
         segment = 0 if self._segments is None else self._segments.of(user_features)
         return initial_phi(self.theta, torch.tensor([segment]))[0].numpy()
-
-    def _row(self, user_id: str, context: Features) -> int | None:
-        """The row of the user's task in this context: a user × context task once it
-        has labels (before, it has the user's weights, as in the consumer), else the
-        user's own; None for a user without state."""
-        key = self._task_key.of(user_id, context)
-        if key != user_id:
-            row = self._rows.get(key)
-            if row is not None and self._learned[row] > 0:
-                return row
-        return self._rows.get(user_id)
 
     # -- figures -------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 A person's taste can differ by context: what they click in the app is not what
 they click on the web. With a context field as the task key, each (user, value of
-the field) is a task of its own, with its own fast weights. The user's own task
-stays as well: it learns from all of the user's labels, and is the prior of the
-finer ones, so a user seen on a new platform starts from what they did elsewhere
-rather than from φ_0.
+the field) is a task of its own. The user's own task stays as well: it learns from
+all of the user's labels, exactly as with no task key, and is the prior of the
+finer ones: a finer task's weights are the user's plus a residual of its own,
+learned from its own labels and pulled towards zero. So a user seen on a new
+platform is scored as the user, and a platform's own taste is learned on top.
 """
 
 from __future__ import annotations

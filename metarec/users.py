@@ -17,6 +17,7 @@ import torch
 
 from metarec.kernels import ExampleIds, UserArrays
 from metarec.model import Examples
+from metarec.task_key import SEPARATOR
 
 
 class UserTasks(NamedTuple):
@@ -82,6 +83,9 @@ class UserStore:
         # each segment's start from its users. Not in the state store's values: a
         # restored user's is known again from their next event with features.
         self.segment = np.zeros(cap, dtype=np.int64)
+        # a user × context task's row: a residual on the user's weights, not weights
+        # of its own (its key says so; meta-updates leave it out)
+        self.residual = np.zeros(cap, dtype=np.bool_)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,7 +94,7 @@ class UserStore:
         """Forget every user (the arrays keep their capacity)."""
         n = len(self.rows)
         self.rows.clear()
-        for a in (*self._state(), self.segment):
+        for a in (*self._state(), self.segment, self.residual):
             a[:n] = 0
 
     def _state(self) -> tuple[np.ndarray, ...]:
@@ -120,7 +124,7 @@ class UserStore:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for name in (*UserRows._fields, "segment"):
+        for name in (*UserRows._fields, "segment", "residual"):
             arr = getattr(self, name)
             grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
             grown[:cap] = arr
@@ -147,14 +151,17 @@ class UserStore:
         new rows."""
         out = np.empty(len(user_ids), dtype=np.int64)
         fresh: list[int] = []
+        residual: list[bool] = []
         for i, uid in enumerate(user_ids):
             row = self.rows.get(uid)
             if row is None:
                 row = self.rows[uid] = len(self.rows)
                 fresh.append(row)
+                residual.append(SEPARATOR in uid)
             out[i] = row
         if fresh:
             self._grow(len(self.rows))
+            self.residual[fresh] = residual
         return out, fresh
 
     def set_features(self, rows: np.ndarray, features: np.ndarray) -> None:

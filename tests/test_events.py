@@ -52,6 +52,9 @@ def test_valid_impression_and_click_decode_with_ids_as_strings() -> None:
         (raw(user_id={"nested": 1}), "schema"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "item_id"}).encode(), "schema"),
         (raw(user_id=""), "schema"),
+        # the separator of a user × context task's key: it could name another's task
+        (raw(user_id="u1\x1fplatform=ios"), "schema"),
+        (raw(type="click", user_id="u1\x1fplatform=ios"), "schema"),
         (b"[1, 2, 3]", "schema"),
         (raw(item_features={"x": "y" * 2000}), "oversized"),
     ],

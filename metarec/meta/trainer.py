@@ -43,7 +43,9 @@ class MetaTrainer:
         cfg = self.config
         t0 = time.perf_counter()
         self.schedule.restart()
-        eligible = np.flatnonzero(users.learned[:len(users)] >= cfg.min_task)
+        n = len(users)
+        # a user × context task's row is a residual on its user's, not a task from φ_0
+        eligible = np.flatnonzero((users.learned[:n] >= cfg.min_task) & ~users.residual[:n])
         if len(eligible) < 2:
             return None
         if len(eligible) > cfg.users_per_update:
