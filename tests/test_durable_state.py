@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 
 from metarec.datasets.synthetic import SyntheticStream
 from metarec.session import StreamSession
+from metarec.task_key import SEPARATOR, TaskKey
 from streamer import changelog, lineage
 from streamer.durability import group_theta
 from streamer.embedded import EmbeddedBroker
@@ -106,12 +108,13 @@ def kill_when_committed(broker: EmbeddedBroker, topics: Topics, proc: subprocess
     proc.wait(timeout=30)
 
 
-def final_state(broker: EmbeddedBroker, topics: Topics, partitions: int = PARTITIONS
-                ) -> tuple[StreamSession, StreamSession]:
+def final_state(broker: EmbeddedBroker, topics: Topics, partitions: int = PARTITIONS,
+                task_context: str | None = None) -> tuple[StreamSession, StreamSession]:
     """The users as the changelog holds them at the committed offsets, and the
     group's θ (the newest version plus every later update)."""
     settings = topics.settings(broker).with_flat(
-        partitions=partitions, item_buckets=4096, feature_buckets=1024, dim=8)
+        partitions=partitions, item_buckets=4096, feature_buckets=1024, dim=8,
+        task_context=task_context)
     users = StreamSession(settings.session, durable=True)
     topic = settings.kafka.changelog()
     found = changelog.restore(broker.cluster, topic, list(range(partitions)),
@@ -155,23 +158,34 @@ def replay_auc(tmp: Path, events: list[dict[str, Any]], *flags: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def replayed(tmp_path_factory: pytest.TempPathFactory) -> float:
-    return replay_auc(tmp_path_factory.mktemp("replay"), EVENTS)
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[str, ...]], float]:
+    """The AUC of a replay of the stream with these flags (each replayed once)."""
+    found: dict[tuple[str, ...], float] = {}
+
+    def auc_with(flags: tuple[str, ...]) -> float:
+        if flags not in found:
+            found[flags] = replay_auc(tmp_path_factory.mktemp("replay"), EVENTS, *flags)
+        return found[flags]
+    return auc_with
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("seed", "task_context"), [
+    (0, None), (1, None), (2, None), (3, "platform")])
 def test_kill_9_twice_loses_nothing_learns_nothing_twice_and_keeps_each_users_k(
-        broker: EmbeddedBroker, tmp_path: Path, replayed: float, seed: int) -> None:
+        broker: EmbeddedBroker, tmp_path: Path, replayed: Callable[[tuple[str, ...]], float],
+        seed: int, task_context: str | None) -> None:
+    """With a task key, each (user, platform) task's labels are learned once too."""
     rng = np.random.default_rng(seed)
+    flags = () if task_context is None else ("--task-context", task_context)
     topics = Topics()
     create_topics(broker, topics, PARTITIONS)
     produce_with_closers(broker.cluster, topics.events, EVENTS, PARTITIONS)
     lines: list[dict[str, Any]] = []
     for fraction in (rng.uniform(0.15, 0.45), rng.uniform(0.55, 0.85)):
-        proc, predictions, log = start_member(broker, topics, "a", tmp_path)
+        proc, predictions, log = start_member(broker, topics, "a", tmp_path, *flags)
         kill_when_committed(broker, topics, proc, fraction * len(EVENTS), rng, log)
     proc, predictions, log = start_member(broker, topics, "a", tmp_path,
-                                          "--idle-exit-seconds", "3")
+                                          "--idle-exit-seconds", "3", *flags)
     # the prediction log of every run of the member: one line per label learned
     # (a run killed before its commit wrote lines for labels learned again later)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
@@ -179,19 +193,24 @@ def test_kill_9_twice_loses_nothing_learns_nothing_twice_and_keeps_each_users_k(
     assert "Traceback" not in text
     assert restored_users(log) > 0, text[-3000:]
 
-    users, theta = final_state(broker, topics)
+    users, theta = final_state(broker, topics, task_context=task_context)
     learned = learned_per_user(users)
     # every real user is there, with each of its labels learned exactly once
     assert {u: learned.get(u) for u in LABELS_PER_USER} == dict(LABELS_PER_USER)
+    if task_context is not None:
+        key = TaskKey(task_context)
+        per_task = Counter(key.of(e["user_id"], e["context"]) for e in IMPRESSIONS)
+        assert {t: learned.get(t) for t in per_task} == dict(per_task)
     # θ counted each label once, the closers' included
-    assert theta.learner.examples_learned == sum(learned.values())
+    by_user = {u: k for u, k in learned.items() if SEPARATOR not in u}
+    assert theta.learner.examples_learned == sum(by_user.values())
 
     lines = read_predictions(predictions)
     final = last_line_per_impression(lines)
     real = [x for key, x in final.items() if not str(x["user_id"]).startswith("closer")]
     assert len(real) == len(IMPRESSIONS)
     run_auc = auc([x["p"] for x in real], [x["label"] for x in real])
-    assert abs(run_auc - replayed) <= AUC_TOLERANCE, (run_auc, replayed)
+    assert abs(run_auc - replayed(flags)) <= AUC_TOLERANCE, (run_auc, replayed(flags))
 
 
 def write_foreign_records(broker: EmbeddedBroker, topics: Topics) -> None:
