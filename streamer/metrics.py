@@ -84,7 +84,8 @@ class Metrics:
                              "recent window", registry=r)
         self.auc = Gauge("metarec_prequential_auc", "Prequential AUC over the recent window",
                          registry=r)
-        self.users = Gauge("metarec_users", "Users with fast weights in memory", registry=r)
+        self.users = Gauge("metarec_users", "Users with fast weights in memory (with "
+                           "--task-context, user x context tasks too)", registry=r)
         self.pending = Gauge("metarec_pending_impressions", "Impressions waiting for a label",
                              registry=r)
         self.pending_bytes = Gauge("metarec_pending_impression_bytes", "Bytes of the records "
