@@ -17,8 +17,10 @@ its last five event times (the smallest while it has given fewer than three),
 so one or two outliers cannot move it. An event more than ``max_ahead`` seconds
 ahead of everything its partition has given so far is held aside, and judged by
 the records after it: one that is not far behind it confirms the jump (the
-event rejoins the stream in its place); two that are far behind it show it was
-an outlier, and it is rejected as ``ahead_of_stream``. When no more records
+event rejoins the stream in its place); two that are far behind it, but not
+behind the partition's progress (late records, such as a producer's retries,
+say nothing of where the stream is), show it was an outlier, and it is rejected
+as ``ahead_of_stream``. When no more records
 come (the end of a log, or a partition silent for ``idle_after``), it is taken
 if nothing spoke against it and rejected if something did. A real gap in a
 sparse stream therefore loses nothing, and a lone record from the future moves
@@ -138,11 +140,16 @@ class EventTimeOrder(Generic[T]):
         part.progress = part.recent.floor
 
     def _judge(self, part: _Partition[T], timestamp: float) -> list[Held[T]]:
-        """What a new record of the partition says of the events held aside."""
+        """What a new record of the partition says of the events held aside. One
+        behind the partition's progress is late (a producer's retry of an old
+        record, say): it says nothing of where the stream is now."""
         rejected, still = [], []
+        late = timestamp < part.progress
         for held, against in part.aside:
             if timestamp >= held.timestamp - self.max_ahead:
                 self._take(part, held)  # the stream did jump: not an outlier
+            elif late:
+                still.append((held, against))
             elif against + 1 >= CONTRADICTIONS:
                 rejected.append(held)
             else:

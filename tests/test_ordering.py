@@ -105,6 +105,18 @@ def test_an_event_from_the_future_is_held_aside_then_rejected() -> None:
     assert order.held_offsets() == {}
 
 
+def test_late_records_after_a_real_jump_do_not_make_it_an_outlier() -> None:
+    """A producer resends two old records after the first of the morning: they are
+    behind where the partition was, so they say nothing of the jump, and the next
+    record of the morning confirms it."""
+    order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
+    feed(order, 0, [0.0, 10.0, 20.0, 30.0, 40.0])
+    morning = 8 * 3600.0
+    assert feed(order, 0, [morning, 5.0, 10.0, morning + 60], first_offset=5) == []
+    assert times(released(order, None, None)) == [0.0, 10.0, 20.0, 30.0, 40.0, 5.0, 10.0,
+                                                  morning, morning + 60]
+
+
 def test_a_real_jump_in_a_sparse_stream_loses_nothing_and_keeps_its_order() -> None:
     order: EventTimeOrder[str] = EventTimeOrder(max_ahead=3600)
     feed(order, 0, [0.0, 10.0, 20.0])
