@@ -71,14 +71,17 @@ def vw_lines(events: list[Event]) -> list[str]:
     return out
 
 
-def vowpal_wabbit_lines(lines: list[str], lr: float = 0.5) -> np.ndarray:
-    """VW at its best: logistic loss, user x item interactions (-q ui), adaptive
-    normalised SGD; each example parsed once, then predicted (a test call: the label
-    is not used), learned and finished."""
+def vowpal_wabbit_lines(lines: list[str], lr: float = 0.5, power_t: float = 0.5,
+                        quadratic: str = "ui") -> np.ndarray:
+    """VW at its best: logistic loss, the ``quadratic`` interactions of the user (u)
+    and item (i) namespaces (``"ui"``: user x item; ``"ui uu"``: and user x user),
+    adaptive normalised SGD; each example parsed once, then predicted (a test call:
+    the label is not used), learned and finished."""
     import vowpalwabbit
 
-    vw = vowpalwabbit.Workspace(f"--loss_function logistic --link logistic -q ui -b 22 "
-                                f"-l {lr} --quiet")
+    pairs = " ".join(f"-q {q}" for q in quadratic.split())
+    vw = vowpalwabbit.Workspace(f"--loss_function logistic --link logistic {pairs} -b 22 "
+                                f"-l {lr} --power_t {power_t} --quiet")
     p = np.empty(len(lines))
     parse, predict, learn, finish = vw.parse, vw.predict, vw.learn, vw.finish_example
     for n, line in enumerate(lines):
@@ -90,8 +93,9 @@ def vowpal_wabbit_lines(lines: list[str], lr: float = 0.5) -> np.ndarray:
     return p
 
 
-def vowpal_wabbit(events: list[Event], lr: float = 0.5) -> np.ndarray:
-    return vowpal_wabbit_lines(vw_lines(events), lr)
+def vowpal_wabbit(events: list[Event], lr: float = 0.5, power_t: float = 0.5,
+                  quadratic: str = "ui") -> np.ndarray:
+    return vowpal_wabbit_lines(vw_lines(events), lr, power_t, quadratic)
 
 
 def mf_indices(events: list[Event]) -> tuple[np.ndarray, np.ndarray]:
