@@ -115,12 +115,14 @@ class OnlineLearner:
             rows = users.rows_for(ops.user, np.where(finer[:, None], 0.0, np.broadcast_to(
                 start, (len(ops), start.shape[-1]))).astype(np.float32))
             prior[~finer] = -1  # an op without a finer task learns on its prior alone
-        users.set_features(rows, ops.user_feats)
-        if ops.prior is not None:
-            users.set_features(prior[prior >= 0], ops.user_feats[prior >= 0])
+        # features are the user's: set on the user's row in stream order, then given
+        # to the finer tasks, so every op is represented as with no task key
+        finer = prior >= 0
+        user_rows = np.where(finer, prior, rows)
+        users.set_features(user_rows, ops.user_feats)
+        users.features[rows[finer]] = users.features[prior[finer]]
         if ops.segment is not None:
-            users.set_segments(rows, ops.segment)
-            users.set_segments(prior[prior >= 0], ops.segment[prior >= 0])
+            users.set_segments(user_rows, ops.segment)
         self.items.update(ops.item, ops.item_feats)
         learn = np.flatnonzero(ops.kind == LEARN)
         self.online.start_items(ops.item[learn])

@@ -97,7 +97,8 @@ class _Partition(Generic[T]):
     progress: float = -math.inf
     high: float = -math.inf  # the latest event time taken into the stream
     buffer: deque[Held[T]] = field(default_factory=deque)
-    aside: list[tuple[Held[T], int]] = field(default_factory=list)  # (event, contradictions)
+    # (event, contradictions, the partition's progress when it was held aside)
+    aside: list[tuple[Held[T], int, float]] = field(default_factory=list)
 
 
 class EventTimeOrder(Generic[T]):
@@ -128,7 +129,7 @@ class EventTimeOrder(Generic[T]):
         rejected = self._judge(part, timestamp) if part.aside else []
         held = Held(timestamp, partition, offset, item)
         if part.high > -math.inf and timestamp > part.high + self.max_ahead:
-            part.aside.append((held, 0))
+            part.aside.append((held, 0, part.progress))
         else:
             self._take(part, held)
         return rejected
@@ -141,29 +142,29 @@ class EventTimeOrder(Generic[T]):
 
     def _judge(self, part: _Partition[T], timestamp: float) -> list[Held[T]]:
         """What a new record of the partition says of the events held aside. One
-        behind the partition's progress is late (a producer's retry of an old
-        record, say): it says nothing of where the stream is now."""
+        behind where the partition had got when the event was held aside is late (a
+        producer's retry of an old record, say): it says nothing of where the stream
+        is now, however many of them come."""
         rejected, still = [], []
-        late = timestamp < part.progress
-        for held, against in part.aside:
+        for held, against, since in part.aside:
             if timestamp >= held.timestamp - self.max_ahead:
                 self._take(part, held)  # the stream did jump: not an outlier
-            elif late:
-                still.append((held, against))
+            elif timestamp < since:
+                still.append((held, against, since))
             elif against + 1 >= CONTRADICTIONS:
                 rejected.append(held)
             else:
-                still.append((held, against + 1))
+                still.append((held, against + 1, since))
         part.aside = still
         return rejected
 
     def _settle(self, part: _Partition[T]) -> list[Held[T]]:
         """No more records to judge by: take what nothing spoke against, reject
         the rest."""
-        for held, against in part.aside:
+        for held, against, _ in part.aside:
             if against == 0:
                 self._take(part, held)
-        rejected = [held for held, against in part.aside if against]
+        rejected = [held for held, against, _ in part.aside if against]
         part.aside = []
         return rejected
 
@@ -227,7 +228,7 @@ class EventTimeOrder(Generic[T]):
         the event if the process died before it was processed."""
         out: dict[int, int] = {}
         for p, part in self._parts.items():
-            offsets = [h.offset for h in part.buffer] + [h.offset for h, _ in part.aside]
+            offsets = [h.offset for h in part.buffer] + [h.offset for h, _, _ in part.aside]
             offsets = [o for o in offsets if o >= 0]
             if offsets:
                 out[p] = min(offsets)

@@ -141,7 +141,8 @@ def config_hash(config: LearnerConfig) -> str:
     layout = (f"{SCHEMA}|dim={config.model.dim}|item_buckets={f.item_buckets}"
               f"|feature_buckets={f.feature_buckets}")
     if config.model.init_segment is not None:  # θ has the segments' offsets
-        layout += f"|init_segment_buckets={config.model.init_segment_buckets}"
+        layout += (f"|init_segment={config.model.init_segment}"
+                   f"|init_segment_buckets={config.model.init_segment_buckets}")
     return hashlib.sha256(layout.encode()).hexdigest()[:16]
 
 

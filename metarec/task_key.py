@@ -3,7 +3,7 @@
 A person's taste can differ by context: what they click in the app is not what
 they click on the web. With a context field as the task key, each (user, value of
 the field) is a task of its own. The user's own task stays as well: it learns from
-all of the user's labels, exactly as with no task key, and is the prior of the
+all of the user's labels as with no task key, and is the prior of the
 finer ones: a finer task's weights are the user's plus a residual of its own,
 learned from its own labels and pulled towards zero. So a user seen on a new
 platform is scored as the user, and a platform's own taste is learned on top.

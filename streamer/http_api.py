@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from metarec.events import Features, Identifier
+from metarec.events import Features, Identifier, UserId
 from streamer.config import ServeSettings
 from streamer.live_state import LiveState
 from streamer.serving_metrics import ServingMetrics
@@ -59,7 +59,7 @@ class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A user (with optional features: else those of their latest event), an
     optional context (platform, page, ...) and the candidates to score."""
 
-    user_id: Identifier
+    user_id: UserId
     items: Annotated[list[Item], msgspec.Meta(min_length=1)]
     context: Features = msgspec.field(default_factory=dict)
     user_features: Features = msgspec.field(default_factory=dict)

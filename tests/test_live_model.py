@@ -23,24 +23,28 @@ from tests.helpers import small_settings
 SETTINGS = small_settings()
 
 
-def _events() -> list[dict[str, object]]:
+def _events(ios_age: bool = False) -> list[dict[str, object]]:
+    """``ios_age``: those who tell it give another age on ios (the features of a
+    user's latest event are theirs, whatever the platform)."""
     events = list(SyntheticStream(users=120, events_per_user=12, seed=5).events())
     for e in events:  # some users tell their age group; the rest never do
         if int(str(e["user_id"])[1:]) % 3 == 0:
             e["user_features"] = {"age": f"a{int(str(e['user_id'])[1:]) % 5}"}
+            if ios_age and e["context"]["platform"] == "ios":  # type: ignore[index]
+                e["user_features"] = {"age": "a-ios"}
     return events
 
 
 Learned = tuple[StreamSession, LiveModel, dict[str, tuple[bytes, int]]]
 
 
-def _learned_session(settings: Settings = SETTINGS) -> Learned:
+def _learned_session(settings: Settings = SETTINGS, ios_age: bool = False) -> Learned:
     """A consumer's session after a stream, and a live model fed what its durable
     point wrote: θ from before the stream plus the delta, and every user's value."""
     session = StreamSession(settings.session, durable=True, wall_clock=False)
     live = LiveModel(settings.session, {k: v.clone() for k, v in session.learner.theta.items()})
     session.process([Record(json.dumps(e).encode(), partition=0, offset=i)
-                     for i, e in enumerate(_events())])
+                     for i, e in enumerate(_events(ios_age))])
     session.finish()
     point = session.checkpoint({0: 0})
     assert point.theta is not None
@@ -91,10 +95,11 @@ def test_a_served_score_equals_the_consumers_prediction(
 
 @pytest.fixture(scope="module")
 def learned_by_platform() -> Learned:
-    return _learned_session(small_settings(task_context="platform"))
+    return _learned_session(small_settings(task_context="platform"), ios_age=True)
 
 
 @pytest.mark.parametrize(("user", "context"), [
+    ("u3", {"platform": "ios"}), ("u3", {"platform": "web"}),
     ("u10", {"platform": "ios"}), ("u10", {"platform": "web", "region": "r1"}),
     ("u10", {"platform": "a-new-platform"}), ("u10", {}), ("someone-new", {"platform": "ios"})])
 def test_with_a_task_key_a_served_score_equals_the_consumers_prediction(
@@ -107,7 +112,7 @@ def test_with_a_task_key_a_served_score_equals_the_consumers_prediction(
                                rtol=0, atol=1e-6)
     key = TaskKey("platform").of(user, context)
     finer = key != user and key in values
-    assert finer == (user == "u10" and context.get("platform") in ("ios", "web"))
+    assert finer == (user != "someone-new" and context.get("platform") in ("ios", "web"))
 
 
 def test_a_new_user_is_served_from_the_start_of_their_segment() -> None:

@@ -273,6 +273,8 @@ BAD_BODIES: list[tuple[Any, str]] = [
     ({"user_id": "u1", "items": []}, "Expected `array` of length >= 1 - at `$.items`"),
     ({"user_id": "", "items": [{"item_id": "a"}]}, "of length >= 1 - at `$.user_id`"),
     ({"items": [{"item_id": "a"}]}, "missing required field `user_id`"),
+    # the separator of a user x context task's key: it would read another's task
+    ({"user_id": "u1\x1fplatform=ios", "items": [{"item_id": "a"}]}, "at `$.user_id`"),
     ({"user_id": "u1", "items": [{"item_id": None}]}, "got `null` - at `$.items[0].item_id`"),
     ({"user_id": "u1", "items": [{"item_id": 7}]}, "got `int` - at `$.items[0].item_id`"),
     ({"user_id": "u1", "items": [{"item_id": "a", "price": 3}]}, "unknown field `price`"),

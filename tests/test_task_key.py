@@ -31,7 +31,8 @@ def learner() -> OnlineLearner:
 
 def batch(seed: int = 0) -> tuple[Ops, list[str | None]]:
     """Three users on three platforms (or none given), predicting and learning in
-    turn; and each op's platform."""
+    turn, their features changing between two sets and some events without them;
+    and each op's platform."""
     rng = np.random.default_rng(seed)
     n, spec = 80, MODEL.features
     who = rng.integers(3, size=n)
@@ -41,7 +42,8 @@ def batch(seed: int = 0) -> tuple[Ops, list[str | None]]:
     kinds = np.where(rng.random(n) < 0.5, PREDICT, LEARN)
     ops = Ops(user=users, kind=kinds, item=rng.integers(1, 60, n),
               item_feats=rng.integers(0, 50, (n, spec.item_slots)),
-              user_feats=rng.integers(1, 50, (3, spec.user_slots))[who],
+              user_feats=np.where(rng.random((n, 1)) < 0.3, 0, rng.integers(
+                  1, 50, (3, 2, spec.user_slots))[who, rng.integers(0, 2, n)]),
               context=rng.integers(0, 50, (n, spec.context_slots)),
               label=rng.integers(0, 2, n).astype(np.float32))
     return ops, platforms
