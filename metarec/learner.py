@@ -110,11 +110,10 @@ class OnlineLearner:
             prior = np.full(len(ops), -1, dtype=np.int64)
         else:
             prior = users.rows_for(ops.prior, start)
-            # a finer task's row is a residual on its prior's weights: zero at first
-            finer = np.array([t != u for t, u in zip(ops.user, ops.prior, strict=True)])
-            rows = users.rows_for(ops.user, np.where(finer[:, None], 0.0, np.broadcast_to(
-                start, (len(ops), start.shape[-1]))).astype(np.float32))
-            prior[~finer] = -1  # an op without a finer task learns on its prior alone
+            # the users' rows exist now, so a new row here is a finer task's: a residual
+            # on its user's weights, zero at first
+            rows = users.rows_for(ops.user, np.zeros(start.shape[-1], dtype=np.float32))
+            prior[prior == rows] = -1  # an op without a finer task learns on its user's
         # features are the user's: set on the user's row in stream order, then given
         # to the finer tasks, so every op is represented as with no task key
         finer = prior >= 0
